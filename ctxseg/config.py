@@ -1,0 +1,302 @@
+"""The one typed, validated configuration of a study (``params.yaml``).
+
+Every pipeline stage calls :func:`load_params` before it does any work. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError`, whose message names the key, the bad value and what is
+allowed. Nothing is silently defaulted for a typo.
+
+Sections and where their schema lives (one concept, one place):
+
+=============  ==================================  =====================================
+section        schema                              used by
+=============  ==================================  =====================================
+``data``       :class:`ctxseg.data.DataConfig`     download, preprocess, train, evaluate
+``model``      :class:`ctxseg.models.ModelConfig`  defaults shared by every model
+``models``     name -> overrides of ``model``      train / evaluate (one DVC stage each)
+``train``      :class:`TrainConfig`                train, tune
+``scaling``    :class:`ScalingConfig`              train, tune (Ray Train workers)
+``ray``        :class:`RayConfig`                  train, tune
+``mlflow``     :class:`MLflowConfig`               train, tune, evaluate, report
+``evaluate``   :class:`EvaluateConfig`             evaluate
+``report``     :class:`ReportConfig`               report
+=============  ==================================  =====================================
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ctxseg.data.config import DataConfig
+from ctxseg.models.config import ModelConfig
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid. The message lists every problem with its key, value and the fix."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, as in both papers: SGD, momentum 0.9, weight decay 5e-4, poly decay (power 0.9)."""
+
+    epochs: int = Field(4, ge=1, description="passes over the training split")
+    batch_size: int = Field(8, ge=1, description="global batch size (split over Ray workers)")
+    lr: float = Field(0.01, gt=0, description="base learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="floor of the poly schedule")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    poly_power: float = Field(0.9, gt=0, description="lr = (lr0 - min_lr)(1 - t/T)^power + min_lr, per iteration")
+    log_every: int = Field(10, ge=1, description="iterations between logged loss lines / MLflow points")
+    val_every: int = Field(1, ge=1, description="epochs between validation passes (the last epoch always validates)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype on GPU; ignored on CPU")
+    max_failures: int = Field(2, ge=0, description="worker crashes Ray Train recovers from (restart from checkpoint)")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _lr_floor(self) -> "TrainConfig":
+        if self.min_lr >= self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr})")
+        return self
+
+
+class ScalingConfig(StrictModel):
+    """Ray Train workers (DDP ranks). ``use_gpu: auto`` uses GPUs when the Ray cluster has any."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    cpus_per_worker: float = Field(2, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    sync_batchnorm: bool = Field(True, description="convert BatchNorm to SyncBatchNorm when world size > 1")
+
+
+class RayConfig(StrictModel):
+    """Where Ray runs. ``address: null`` starts a local instance unless RAY_ADDRESS is set."""
+
+    address: Optional[str] = Field(None, description='"auto", "ray://host:10001" or "host:6379"; null = local')
+    storage_path: Optional[str] = Field(
+        None, description="where Ray Train keeps checkpoints; null = models/<model>/ in the repo (single node only)"
+    )
+
+
+class MLflowConfig(StrictModel):
+    tracking_uri: Optional[str] = Field(None, description="null = sqlite:///<repo>/mlflow.db (or $MLFLOW_TRACKING_URI)")
+    artifact_root: Optional[str] = Field(None, description="null = <repo>/mlartifacts")
+    experiment: str = Field("ctxseg", min_length=1)
+    system_metrics: bool = True
+    log_model: bool = True
+
+
+class EvaluateConfig(StrictModel):
+    """Single-scale and multi-scale + flip evaluation, as both papers report."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: int = Field(512, ge=8, description="sliding-window crop (mode: slide)")
+    stride: int = Field(341, ge=1, description="sliding-window stride (mode: slide)")
+    multi_scale: bool = Field(True, description="also report multi-scale + flip")
+    scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+    batch_size: int = Field(8, ge=1)
+    num_visualisations: int = Field(4, ge=0, description="fixed sample of val images rendered with the palette")
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, scales: list[float]) -> list[float]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales}")
+        return scales
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "EvaluateConfig":
+        if self.stride > self.crop_size:
+            raise ValueError(f"stride ({self.stride}) must not exceed crop_size ({self.crop_size})")
+        return self
+
+
+class ReportConfig(StrictModel):
+    title: str = "ctxseg study"
+    baseline_context: Literal["none"] = "none"
+
+
+class Params(StrictModel):
+    """The whole of params.yaml."""
+
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    models: dict[str, ModelConfig] = Field(
+        default_factory=lambda: {"fcn": ModelConfig(framework="fcn", context="none")}
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_model_defaults(cls, raw: Any) -> Any:
+        """Each entry of ``models`` is ``model`` deep-merged with the entry's own overrides."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+            return raw
+        defaults = raw.get("model") or {}
+        if isinstance(defaults, BaseModel):
+            defaults = defaults.model_dump()
+        if not isinstance(defaults, dict):
+            return raw
+        merged = {}
+        for name, overrides in raw["models"].items():
+            if isinstance(overrides, BaseModel):
+                overrides = overrides.model_dump()
+            merged[name] = deep_merge(defaults, overrides or {}) if isinstance(overrides, (dict, type(None))) else overrides
+        return {**raw, "models": merged}
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        if not models:
+            raise ValueError("at least one model must be listed")
+        for name in models:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (it names folders and runs)")
+        return models
+
+    def model_config_of(self, name: str) -> ModelConfig:
+        """The resolved config of model ``name`` (a key of ``models``)."""
+        if name not in self.models:
+            raise ConfigError(f"model {name!r} is not listed under `models` in params.yaml; listed: {sorted(self.models)}")
+        return self.models[name]
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """Return ``base`` updated recursively with ``overrides`` (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
+    """Read, merge ``overrides`` (a nested dict) into, and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file. Run from the project root, or pass the path of params.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if overrides:
+        raw = deep_merge(raw or {}, overrides)
+    return parse_params(raw, source=str(path))
+
+
+def params_to_dict(params: Params) -> dict:
+    """Plain-data form of the params (what gets logged and hashed)."""
+    return params.model_dump(mode="json")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# error messages
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after"))]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, loc[:-1])
+            hint = ""
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            if close:
+                hint = f" Did you mean `{'.'.join(str(p) for p in loc[:-1] + [close[0]])}`?"
+            lines.append(
+                f"  - `{key}`: unknown key.{hint} Allowed keys here: {', '.join(allowed) or '(none)'}."
+            )
+        else:
+            value = e.get("input")
+            shown = _short(value)
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            lines.append(f"  - `{key}` = {shown}: {msg}.")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, dict) else "{" + ", ".join(map(str, value)) + "}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/Union-with-None and return the inner model class or container annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+            if typing.get_origin(inner) is dict:
+                return inner
+        return annotation
+    return annotation
+
+
+def _allowed_keys(model: Any, loc: list) -> list[str]:
+    """Field names of the (nested) model found at ``loc``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return []
+    current = _unwrap(current)
+    if typing.get_origin(current) is dict:
+        return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []

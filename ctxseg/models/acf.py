@@ -1,0 +1,126 @@
+"""CFNet aggregated co-occurrent feature (ACF) module (Zhang et al., CVPR 2019, §2-3, Fig 3).
+
+For target pixel i and co-occurrent (context) position j of the 3x3/stride-2 average-pooled map:
+
+* s_ij = Phi_t(x_i)^T Phi_c(x_j)   dot-product similarity, shared Phi_t = Phi_c (1x1 conv, or the
+  paper's atrous-rate-4 3x3 feed-forward with ``phi="atrous"``), divided by sqrt(d) unless
+  ``scale="none"``;
+* mixture of softmaxes: P(j | i) = sum_k pi_k softmax_j(s^k_ij), with K mixtures computed on
+  channel slices of Phi and the contextual prior pi_k = softmax_k(w_k^T v_bar), v_bar the
+  globally average-pooled input; H heads, each with its own K slices and prior;
+* dropout on the co-occurrent probabilities; aggregated feature z_i = sum_j P(j | i) Psi(x_j),
+  Psi a 1x1 value transform;
+* output projection (1x1) with a residual connection; the global-pooling (GP) branch of Fig 3 is
+  a separate module :class:`GlobalPool` whose output the segmentor concatenates.
+
+Because the mixture is linear in each softmax, sum_k pi_k softmax(s^k) V = sum_k pi_k SDPA(Q_k, K_k, V)
+exactly: the N x N/4 matrices are never stored (the reference code materialises one per mixture).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import ConvBNReLU, modules_of
+
+__all__ = ["ACF", "GlobalPool", "mos_attention", "check_acf_channels"]
+
+
+def check_acf_channels(channels: int, heads: int, mixtures: int) -> None:
+    """Clear error when acf.channels is not divisible by acf.heads x acf.mixtures."""
+    if heads < 1 or mixtures < 1:
+        raise ValueError(f"acf.heads ({heads}) and acf.mixtures ({mixtures}) must be >= 1")
+    if channels % (heads * mixtures):
+        raise ValueError(
+            f"acf.channels={channels} is not divisible by acf.heads x acf.mixtures = "
+            f"{heads} x {mixtures} = {heads * mixtures}"
+        )
+
+
+def mos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torch.Tensor,
+                  scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Mixture-of-softmaxes attention with SDPA.
+
+    q: [B, H, K, N, d], k: [B, H, K, M, d], v: [B, H, M, dv], prior: [B, H, K] (sums to 1 over K).
+    Returns sum_k prior_k softmax(q_k k_k^T * scale) v: [B, H, N, dv].
+    """
+    b, h, nk, n, d = q.shape
+    m, dv = k.shape[3], v.shape[-1]
+    vv = v.unsqueeze(2).expand(b, h, nk, m, dv).reshape(b, h * nk, m, dv)
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, h * nk, n, d), k.reshape(b, h * nk, m, d), vv, dropout_p=dropout_p, scale=scale
+    )
+    out = out.view(b, h, nk, n, dv)
+    return (out * prior[..., None, None]).sum(2)
+
+
+class ACF(nn.Module):
+    """Co-occurrent feature module: ``forward(x) -> x + proj(MoS-attention)`` of the same width as x."""
+
+    def __init__(self, in_channels: int, channels: int = 32, heads: int = 2, mixtures: int = 2,
+                 dropout: float = 0.1, phi: str = "conv1x1", scale: str = "sqrt") -> None:
+        super().__init__()
+        check_acf_channels(channels, heads, mixtures)
+        self.channels, self.heads, self.mixtures = channels, heads, mixtures
+        self.head_dim = channels // (heads * mixtures)  # d per mixture component
+        self.value_dim = channels // heads  # dv per head
+        self.dropout = dropout
+        self.scale_mode = scale
+        if phi == "conv1x1":
+            self.phi = ConvBNReLU(in_channels, channels, 1)  # shared Phi_t = Phi_c
+        elif phi == "atrous":
+            self.phi = ConvBNReLU(in_channels, channels, 3, dilation=4)
+        else:
+            raise ValueError(f"acf.phi must be conv1x1 or atrous; got {phi!r}")
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.psi = ConvBNReLU(in_channels, channels, 1)  # Psi value transform
+        self.prior = nn.Linear(in_channels, heads * mixtures)  # w_k of pi_k = softmax(w_k^T v_bar)
+        self.proj = ConvBNReLU(channels, in_channels, 1)  # output projection (+ residual)
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5 if self.scale_mode == "sqrt" else 1.0
+
+    def components(self, x: torch.Tensor):
+        """(q [B,H,K,N,d], k [B,H,K,M,d], v [B,H,M,dv], prior [B,H,K]) for input x."""
+        b, _, h, w = x.shape
+        hh, kk, d = self.heads, self.mixtures, self.head_dim
+        target = self.phi(x)  # Phi_t(x): [B, C, h, w]
+        pooled = self.pool(x)  # 3x3 avg-pool, stride 2 (before Phi_c and Psi)
+        cooc = self.phi(pooled)  # Phi_c, shared weights
+        value = self.psi(pooled)
+        m = pooled.shape[-2] * pooled.shape[-1]
+        q = target.view(b, hh, kk, d, h * w).transpose(-1, -2)
+        k = cooc.view(b, hh, kk, d, m).transpose(-1, -2)
+        v = value.view(b, hh, self.value_dim, m).transpose(-1, -2)
+        prior = torch.softmax(self.prior(x.mean(dim=(2, 3))).view(b, hh, kk), dim=-1)  # pi_k
+        return q, k, v, prior
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Aggregated co-occurrent features before the projection: [B, channels, h, w]."""
+        b, _, h, w = x.shape
+        q, k, v, prior = self.components(x)
+        p = self.dropout if self.training else 0.0
+        z = mos_attention(q, k, v, prior, self.scale, dropout_p=p)  # [B, H, N, dv]
+        return z.transpose(-1, -2).reshape(b, self.channels, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.attend(x))
+
+    def rf_path(self) -> List[nn.Module]:
+        return modules_of(self.phi, self.proj)
+
+
+class GlobalPool(nn.Module):
+    """CFNet global-pooling branch: GAP -> 1x1 conv + ReLU (no BN, batch-1 safe) -> broadcast."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 1, norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])

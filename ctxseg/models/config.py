@@ -1,0 +1,148 @@
+"""Typed model configuration (pydantic v2).
+
+Every class forbids unknown keys (a typo is an error naming the key) and constrains numeric ranges,
+so ``params.yaml`` is validated once at stage start. All fields have defaults suited to the small
+CPU default (``resnet_tiny`` backbone), so ``ModelConfig()`` builds a working FCN.
+
+Naming follows the project convention: CFNet's K is ``acf.mixtures``, H is ``acf.heads``; MCIBI's
+m0 is ``mcibi.momentum``, p is ``mcibi.momentum_power``, alpha/beta weight L_W and L_M (Eq 19).
+"""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["BackboneConfig", "MCIBIConfig", "ACFConfig", "ModelConfig"]
+
+
+class BackboneConfig(BaseModel):
+    """Dilated ResNet backbone (output stride 8 by default).
+
+    ``resnet18/50/101``: the standard ResNets with stages 3 and 4 dilated 2 and 4 (OS 8), optional
+    deep 3x3 stem (ResNet-v1c). ``resnet_tiny``: the same family (bottleneck blocks, 4 stages,
+    OS 8) but one block per stage, base width 8 and no stage dilation, so it is fast on CPU and its
+    theoretical receptive field stays small (see :func:`ctxseg.models.receptive_field`).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["resnet_tiny", "resnet18", "resnet50", "resnet101"] = "resnet_tiny"
+    deep_stem: bool = False
+    pretrained: Optional[str] = Field(
+        default=None, description="local checkpoint path, loaded with torch.load(weights_only=True)"
+    )
+    output_stride: Literal[8, 16, 32] = 8
+    width: Optional[int] = Field(
+        default=None, ge=4, le=256, description="base planes of stage 1; None = family default"
+    )
+    depths: Optional[List[int]] = Field(
+        default=None, min_length=4, max_length=4, description="blocks per stage; None = family default"
+    )
+    dilations: Optional[List[int]] = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="extra dilation multipliers of stages 3 and 4 at OS 8; None = family default "
+        "((2, 4) for resnet18/50/101, (1, 1) for resnet_tiny)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "BackboneConfig":
+        if self.depths is not None and any(d < 1 for d in self.depths):
+            raise ValueError(f"backbone.depths must be >= 1 per stage, got {self.depths}")
+        if self.dilations is not None and any(d < 1 for d in self.dilations):
+            raise ValueError(f"backbone.dilations must be >= 1, got {self.dilations}")
+        return self
+
+
+class MCIBIConfig(BaseModel):
+    """MCIBI (Jin et al., ICCV 2021) knobs: memory (Eq 5-10), DCA (Eq 11-14), fusion (Eq 4), loss (Eq 16-19)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    momentum: float = Field(default=0.9, ge=0.0, le=1.0, description="m0 of Eq 7")
+    momentum_power: float = Field(default=0.9, ge=0.0, description="p of Eq 7")
+    alpha: float = Field(default=0.4, ge=0.0, description="weight of L_W (Eq 16, 19)")
+    beta: float = Field(default=1.0, ge=0.0, description="weight of L_M (Eq 17, 19)")
+    fusion: Literal["add", "weighted_add", "concat"] = "concat"
+    init: Literal["random", "mean", "clustering"] = "random"
+    update: Literal["cosine", "mean"] = "cosine"
+    rcl: bool = True
+    channels: Optional[int] = Field(
+        default=None, ge=2, description="C: width of R, memory rows and F; None = model.channels"
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout in H1")
+    update_chunk_pixels: int = Field(
+        default=1 << 16, ge=1024,
+        description="label-size pixels per chunk in the Eq 8 upsampling (peak extra memory ~ 3 x chunk x C floats)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "MCIBIConfig":
+        if self.channels is not None and self.channels % 2:
+            raise ValueError(
+                f"mcibi.channels={self.channels} must be even (DCA projects to C/2, Eq 13)"
+            )
+        return self
+
+
+class ACFConfig(BaseModel):
+    """CFNet (Zhang et al., CVPR 2019) aggregated co-occurrent feature module."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mixtures: int = Field(default=2, ge=1, le=64, description="K: softmaxes in the mixture")
+    heads: int = Field(default=2, ge=1, le=64, description="H: attention heads")
+    channels: int = Field(
+        default=32, ge=1, description="width of Phi/Psi; divisible by heads*mixtures"
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout on co-occurrent probs")
+    global_pool: bool = True
+    phi: Literal["conv1x1", "atrous"] = "conv1x1"
+    scale: Literal["sqrt", "none"] = Field(
+        default="sqrt", description="divide dot products by sqrt(d) ('sqrt') or not ('none')"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ACFConfig":
+        hk = self.heads * self.mixtures
+        if self.channels % hk:
+            raise ValueError(
+                f"acf.channels={self.channels} is not divisible by acf.heads x acf.mixtures = "
+                f"{self.heads} x {self.mixtures} = {hk}; pick channels as a multiple of {hk}"
+            )
+        return self
+
+
+class ModelConfig(BaseModel):
+    """Whole segmentor: framework (A_wi) x context (A_bi / ACF) x backbone."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    framework: Literal["fcn", "pspnet", "deeplabv3", "ocrnet"] = "fcn"
+    context: Literal["none", "mcibi", "acf"] = "none"
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    channels: int = Field(default=64, ge=2, description="decode head width")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout before classifiers")
+    aux_weight: float = Field(default=0.4, ge=0.0, description="weight of the stage-3 FCN aux loss")
+    aux_channels: int = Field(default=32, ge=1, description="aux head width")
+    ppm_bins: List[int] = Field(default_factory=lambda: [1, 2, 3, 6], description="PSPNet bins")
+    aspp_rates: List[int] = Field(default_factory=lambda: [12, 24, 36], description="ASPP atrous rates at OS 8")
+    ocr_key_channels: int = Field(default=32, ge=1)
+    mcibi: MCIBIConfig = Field(default_factory=MCIBIConfig)
+    acf: ACFConfig = Field(default_factory=ACFConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if not self.ppm_bins or any(b < 1 for b in self.ppm_bins):
+            raise ValueError(f"ppm_bins must be positive, got {self.ppm_bins}")
+        if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
+            raise ValueError(f"aspp_rates must be positive, got {self.aspp_rates}")
+        if self.context == "mcibi" and self.mcibi.channels is None and self.channels % 2:
+            raise ValueError(
+                f"channels={self.channels} must be even with context=mcibi (DCA projects to C/2, Eq 13); "
+                "or set mcibi.channels"
+            )
+        return self

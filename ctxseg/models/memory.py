@@ -1,0 +1,236 @@
+"""MCIBI dataset-level feature memory M (Jin et al., ICCV 2021, §3.2, Eq 5-10).
+
+M is a K x C registered buffer (K classes, C channels): it takes no gradient, is updated in place
+inside the training forward, and is saved in checkpoints (``state_dict`` key ``...memory``).
+
+Update of one training step (all under ``torch.no_grad``):
+
+* Eq 8: the pixel representations R are upsampled (bilinear, align_corners=False) to label size.
+  The upsampling is done in row chunks with separable interpolation matrices, so a large label map
+  never materialises a full B x C x H x W tensor.
+* Eq 9: for class k and each pixel i labelled k, w_i = (1 - cos(r_i, M_k)) / sum_j (1 - cos(r_j, M_k)).
+* Eq 10: T(R)_k = sum_i w_i r_i ("mean" strategy: the plain class mean, for the ablation).
+* Eq 6: M_k <- (1 - m) M_k + m T(R)_k for every class k present in the batch.
+* Eq 7: m = (1 - t/T)^p * m0, driven by ``progress`` = t/T, independent of the learning rate.
+
+Everything is vectorised over classes with ``index_add_`` / ``scatter_reduce_``: per step we
+accumulate, per class, sum_i (1-cos_i) r_i, sum_i (1-cos_i), sum_i r_i and the pixel count.
+
+Exact distributed update: under ``torch.distributed`` those per-class sums are all-reduced
+*before* Eq 9-10 are finished, so N ranks compute exactly the update a single process would
+compute on the union of their pixels and every rank ends with the same M. (The reference code
+averages per-rank updated memories instead, which dilutes classes seen on few ranks.)
+
+Initialisation (§3.2): a class row is initialised the first time the class appears:
+``random`` = one random pixel representation of that class (the paper; under DDP one pixel drawn
+from the union of all ranks: the per-class candidate with the largest random score wins),
+``mean`` = the class mean, ``clustering`` = k-means (k=3, a few Lloyd steps whose sums are
+all-reduced) over the class's pixels, keeping the centroid of the largest cluster.
+A class initialised in a step is not also momentum-updated in that step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FeatureMemory", "poly_momentum", "interp_matrix", "is_distributed"]
+
+_EPS = 1e-8
+
+
+def poly_momentum(progress: float, base: float = 0.9, power: float = 0.9) -> float:
+    """Eq 7: m = (1 - t/T)^p * m0, with ``progress`` = t/T clamped to [0, 1]."""
+    progress = min(max(float(progress), 0.0), 1.0)
+    return (1.0 - progress) ** power * base
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t
+
+
+def interp_matrix(out_size: int, in_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[out, in] matrix A with A @ x == 1-D linear interpolation of x, matching
+    ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis (Eq 8)."""
+    a = torch.zeros(out_size, in_size, device=device, dtype=dtype)
+    if in_size == out_size:
+        return torch.eye(out_size, device=device, dtype=dtype)
+    scale = in_size / out_size
+    dst = torch.arange(out_size, device=device, dtype=torch.float64)
+    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    lam = (src - i0.to(torch.float64)).to(dtype)
+    rows = torch.arange(out_size, device=device)
+    a.index_put_((rows, i0), 1.0 - lam, accumulate=True)
+    a.index_put_((rows, i1), lam, accumulate=True)
+    return a
+
+
+class FeatureMemory(nn.Module):
+    """The K x C memory M with its Eq 6-10 update. ``memory`` and ``initialized`` are buffers."""
+
+    def __init__(self, num_classes: int, channels: int, init: str = "random", update: str = "cosine",
+                 ignore_index: int = 255, chunk_pixels: int = 1 << 16, kmeans_clusters: int = 3,
+                 kmeans_iters: int = 5) -> None:
+        super().__init__()
+        if init not in ("random", "mean", "clustering"):
+            raise ValueError(f"mcibi.init must be random, mean or clustering; got {init!r}")
+        if update not in ("cosine", "mean"):
+            raise ValueError(f"mcibi.update must be cosine or mean; got {update!r}")
+        self.num_classes, self.channels = num_classes, channels
+        self.init, self.strategy = init, update
+        self.ignore_index, self.chunk_pixels = ignore_index, chunk_pixels
+        self.kmeans_clusters, self.kmeans_iters = kmeans_clusters, kmeans_iters
+        self.register_buffer("memory", torch.zeros(num_classes, channels))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, channels={self.channels}, init={self.init}, update={self.strategy}"
+
+    # ------------------------------------------------------------------ Eq 8: pixels at label size
+    def _pixels(self, features: torch.Tensor, labels: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (r [n, C], class id [n]) for the valid label-size pixels, in row chunks."""
+        b, c, h, w = features.shape
+        H, W = labels.shape[-2:]
+        feats = features.detach().to(self.memory.dtype)
+        ah = interp_matrix(H, h, feats.device, feats.dtype) if H != h else None
+        aw_t = interp_matrix(W, w, feats.device, feats.dtype).t().contiguous() if W != w else None
+        rows = max(1, self.chunk_pixels // max(W, 1))
+        for i in range(b):
+            x = feats[i]
+            for r0 in range(0, H, rows):
+                r1 = min(H, r0 + rows)
+                lab = labels[i, r0:r1].reshape(-1).long()
+                valid = (lab >= 0) & (lab < self.num_classes)
+                if not bool(valid.any()):
+                    continue
+                part = x[:, r0:r1] if ah is None else torch.einsum("rh,chw->crw", ah[r0:r1], x)
+                if aw_t is not None:
+                    part = part @ aw_t  # [C, r, W]
+                pix = part.reshape(c, -1).t()
+                yield pix[valid], lab[valid]
+
+    # ------------------------------------------------------------------ Eq 6-10
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor, momentum: float) -> Dict[str, int]:
+        """One in-place memory update from R ``features`` [B,C,h,w] and ``labels`` [B,H,W] (Eq 6, 8-10).
+
+        Runs in the memory's dtype (float32) with autocast disabled, whatever the AMP setting.
+        Collective calls (under DDP) are the same on every rank regardless of its local classes.
+        Returns counts of newly initialised and updated classes (for logging).
+        """
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self._update(features, labels, momentum)
+
+    def _update(self, features: torch.Tensor, labels: torch.Tensor, momentum: float) -> Dict[str, int]:
+        k, c = self.num_classes, self.channels
+        dev = self.memory.device
+        old = self.memory.clone()
+        count = torch.zeros(k, device=dev)
+        total = torch.zeros(k, c, device=dev)  # sum_i r_i
+        wsum = torch.zeros(k, c, device=dev)  # Eq 10 numerator sum_i (1 - cos_i) r_i
+        wtot = torch.zeros(k, device=dev)  # Eq 9 denominator sum_i (1 - cos_i)
+        best = torch.full((k,), -1.0, device=dev)  # random-init candidate score per class
+        cand = torch.zeros(k, c, device=dev)
+        need_random = self.init == "random" and not bool(self.initialized.all())
+        for pix, lab in self._pixels(features, labels):
+            count.index_add_(0, lab, torch.ones_like(lab, dtype=count.dtype))
+            total.index_add_(0, lab, pix)
+            if self.strategy == "cosine":
+                m = old.index_select(0, lab)
+                cos = (pix * m).sum(1) / (pix.norm(dim=1).clamp_min(_EPS) * m.norm(dim=1).clamp_min(_EPS))
+                wgt = 1.0 - cos  # Eq 9 (unnormalised)
+                wsum.index_add_(0, lab, pix * wgt[:, None])
+                wtot.index_add_(0, lab, wgt)
+            if need_random:
+                score = torch.rand(lab.shape[0], device=dev)
+                chunk_best = torch.full((k,), -1.0, device=dev).scatter_reduce_(0, lab, score, "amax")
+                improved = chunk_best > best
+                winner = (score == chunk_best[lab]) & improved[lab]
+                idx = winner.nonzero().squeeze(1)
+                cand.index_copy_(0, lab[idx], pix[idx])
+                best = torch.maximum(best, chunk_best)
+        # exact DDP: reduce the per-class sums, not the updated memories
+        for t in (count, total, wsum, wtot):
+            _all_reduce(t)
+        present = count > 0
+        new = present & ~self.initialized
+        upd = present & self.initialized
+        if bool(new.any()):
+            if self.init == "mean":
+                init_rows = total / count.clamp_min(1.0)[:, None]
+            elif self.init == "random":
+                init_rows = self._reduce_candidates(best, cand)
+            else:
+                init_rows = self._kmeans_init(features, labels, new, total, count)
+            self.memory[new] = init_rows[new]
+            self.initialized |= new
+        if bool(upd.any()):
+            mean = total / count.clamp_min(1.0)[:, None]
+            if self.strategy == "cosine":
+                ok = wtot > _EPS  # all pixels parallel to M_k -> fall back to the mean
+                target = torch.where(ok[:, None], wsum / wtot.clamp_min(_EPS)[:, None], mean)  # Eq 9-10
+            else:
+                target = mean
+            new_rows = (1.0 - momentum) * old + momentum * target  # Eq 6
+            self.memory[upd] = new_rows[upd]
+        return {"initialised": int(new.sum()), "updated": int(upd.sum())}
+
+    def _reduce_candidates(self, best: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Under DDP keep, per class, the candidate pixel with the globally largest random score."""
+        if not is_distributed():
+            return cand
+        glob = best.clone()
+        _all_reduce(glob, dist.ReduceOp.MAX)
+        mine = ((best == glob) & (glob >= 0)).float()
+        picked = cand * mine[:, None]
+        _all_reduce(picked)
+        _all_reduce(mine)
+        return picked / mine.clamp_min(1.0)[:, None]
+
+    def _kmeans_init(self, features: torch.Tensor, labels: torch.Tensor, new: torch.Tensor,
+                     total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """'clustering' init: per new class k-means (Lloyd, all-reduced sums), largest cluster's centroid.
+
+        Centroids start at the class mean plus/minus the per-class standard deviation pattern
+        (deterministic, so identical on every rank), then ``kmeans_iters`` Lloyd steps.
+        """
+        k, c, nc = self.num_classes, self.channels, self.kmeans_clusters
+        dev = self.memory.device
+        mean = total / count.clamp_min(1.0)[:, None]
+        sq = torch.zeros(k, c, device=dev)
+        for pix, lab in self._pixels(features, labels):
+            sq.index_add_(0, lab, (pix - mean[lab]) ** 2)
+        _all_reduce(sq)
+        std = (sq / count.clamp_min(1.0)[:, None]).sqrt()
+        offsets = torch.linspace(-1.0, 1.0, nc, device=dev)
+        cent = mean[:, None, :] + offsets[None, :, None] * std[:, None, :]  # [K, nc, C]
+        sizes = torch.zeros(k, nc, device=dev)
+        for _ in range(self.kmeans_iters):
+            sums = torch.zeros(k * nc, c, device=dev)
+            sizes = torch.zeros(k * nc, device=dev)
+            for pix, lab in self._pixels(features, labels):
+                d = torch.cdist(pix[:, None, :], cent[lab]).squeeze(1)  # [n, nc]
+                slot = lab * nc + d.argmin(1)
+                sums.index_add_(0, slot, pix)
+                sizes.index_add_(0, slot, torch.ones_like(slot, dtype=sizes.dtype))
+            _all_reduce(sums)
+            _all_reduce(sizes)
+            sizes = sizes.view(k, nc)
+            upd = sums.view(k, nc, c) / sizes.clamp_min(1.0)[..., None]
+            cent = torch.where(sizes[..., None] > 0, upd, cent)
+        largest = sizes.argmax(1)
+        return cent[torch.arange(k, device=dev), largest]

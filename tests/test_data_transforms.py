@@ -1,0 +1,147 @@
+"""Training / evaluation transforms and the Dataset's reproducible seeding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ctxseg.data import DataConfig, SegmentationDataset, SyntheticConfig, download_dataset, prepare_dataset
+from ctxseg.data.config import AugmentConfig
+from ctxseg.data.transforms import (
+    Compose,
+    Normalize,
+    Pad,
+    PhotometricDistortion,
+    RandomCrop,
+    RandomFlip,
+    RandomResize,
+    ResizeShortSide,
+    build_eval_transform,
+    build_train_transform,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
+
+
+def _pair(h=64, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    lbl = np.zeros((h, w), dtype=np.uint8)
+    lbl[:, w // 2:] = 5
+    lbl[: h // 4, : w // 4] = 255
+    return img, lbl
+
+
+def test_train_transform_shapes_types_and_reproducibility():
+    cfg = DataConfig(augment=AugmentConfig(crop_size=(48, 56)))
+    t = build_train_transform(cfg)
+    img, lbl = _pair()
+    x1, y1 = t(img, lbl, np.random.default_rng(7))
+    x2, y2 = t(img, lbl, np.random.default_rng(7))
+    x3, y3 = t(img, lbl, np.random.default_rng(8))
+    assert x1.shape == (3, 48, 56) and x1.dtype == torch.float32
+    assert y1.shape == (48, 56) and y1.dtype == torch.int64
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    assert set(torch.unique(y1).tolist()) <= {0, 5, 255}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_resize_keeps_label_values_nearest(seed):
+    img, lbl = _pair()
+    rr = RandomResize((0.5, 2.0))
+    out_i, out_l = rr(img, lbl, np.random.default_rng(seed))
+    assert out_i.shape[:2] == out_l.shape
+    assert 32 <= out_l.shape[0] <= 128
+    assert set(np.unique(out_l).tolist()) <= {0, 5, 255}  # nearest: no interpolated ids
+
+
+def test_random_resize_base_size():
+    img, lbl = _pair(64, 80)
+    out_i, _ = RandomResize((1.0, 1.0), base_size=32)(img, lbl, np.random.default_rng(0))
+    assert out_i.shape[:2] == (32, 40)
+
+
+def test_cat_max_ratio_rejects_dominated_crops():
+    lbl = np.zeros((100, 100), dtype=np.uint8)
+    lbl[:, 80:] = 1  # class 0 covers 80 %
+    img = np.zeros((100, 100, 3), dtype=np.uint8)
+
+    def ratio_ok(crop_lbl):
+        c = np.bincount(crop_lbl.ravel())
+        c = c[c > 0]
+        return len(c) > 1 and c.max() / c.sum() < 0.75
+
+    with_ratio = sum(ratio_ok(RandomCrop((40, 40), 0.75, 10)(img, lbl, np.random.default_rng(s))[1]) for s in range(40))
+    without = sum(ratio_ok(RandomCrop((40, 40), 1.0)(img, lbl, np.random.default_rng(s))[1]) for s in range(40))
+    assert with_ratio >= 36 and without <= 20
+
+
+def test_pad_uses_ignore_and_zero_after_normalize():
+    img, lbl = _pair(20, 30)
+    cfg = AugmentConfig()
+    x, y = Compose([Normalize(cfg.mean, cfg.std), Pad((32, 40))])(img, lbl, np.random.default_rng(0))
+    assert x.shape == (32, 40, 3) and y.shape == (32, 40)
+    assert (y[20:] == 255).all() and (y[:, 30:] == 255).all()
+    assert np.all(x[20:] == 0)
+    assert np.array_equal(y[:20, :30], lbl)
+
+
+def test_flip_and_photometric():
+    img, lbl = _pair()
+    fi, fl = RandomFlip(1.0)(img, lbl, np.random.default_rng(0))
+    assert np.array_equal(fi, img[:, ::-1]) and np.array_equal(fl, lbl[:, ::-1])
+    changed = 0
+    for s in range(5):
+        pi, pl = PhotometricDistortion()(img, lbl, np.random.default_rng(s))
+        assert pi.dtype == np.uint8 and pi.shape == img.shape
+        assert pl is lbl
+        changed += int(not np.array_equal(pi, img))
+    assert changed >= 4
+
+
+def test_hsv_round_trip():
+    rgb = np.random.default_rng(0).uniform(0, 255, size=(50, 3))
+    assert np.allclose(hsv_to_rgb(rgb_to_hsv(rgb)), rgb, atol=1e-6)
+    # pure red is hue 0, pure green 120
+    h = rgb_to_hsv(np.array([[255.0, 0, 0], [0, 255.0, 0]]))[:, 0]
+    assert np.allclose(h, [0, 120])
+
+
+def test_eval_transform_short_side_and_keep():
+    img, lbl = _pair(64, 80)
+    x, y = build_eval_transform(DataConfig(eval_short_side=32))(img, lbl, np.random.default_rng(0))
+    assert x.shape == (3, 32, 40) and y.shape == (32, 40)
+    assert set(torch.unique(y).tolist()) <= {0, 5, 255}
+    x, y = build_eval_transform(DataConfig())(img, lbl, np.random.default_rng(0))
+    assert x.shape == (3, 64, 80) and torch.equal(y, torch.from_numpy(lbl).long())
+    mean = torch.tensor(AugmentConfig().mean).view(3, 1, 1)
+    std = torch.tensor(AugmentConfig().std).view(3, 1, 1)
+    assert torch.allclose(x, (torch.from_numpy(img).permute(2, 0, 1).float() - mean) / std, atol=1e-5)
+    _, y_full = ResizeShortSide(32, resize_label=False)(img, lbl, None)
+    assert y_full.shape == (64, 80)
+
+
+def test_dataset_seeding_independent_of_workers(tmp_path):
+    cfg = DataConfig(synthetic=SyntheticConfig(num_train=8, num_val=2), augment=AugmentConfig(crop_size=(64, 64)))
+    download_dataset(cfg, tmp_path / "raw")
+    prepare_dataset(cfg, tmp_path / "raw", tmp_path / "prep")
+    ds = SegmentationDataset(tmp_path / "prep", "train", build_train_transform(cfg), seed=5)
+    assert len(ds) == 8 and ds.meta["num_classes"] == 13 and ds.ids[0] == "train_00000"
+
+    def batches(workers):
+        dl = DataLoader(ds, batch_size=4, shuffle=False, num_workers=workers)
+        return [b for b in dl]
+
+    b0 = batches(0)
+    b2 = batches(2)
+    for (x0, y0), (x2, y2) in zip(b0, b2):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    ds.set_epoch(1)
+    b_next = batches(0)
+    assert not torch.equal(b0[0][0], b_next[0][0])  # new epoch, new augmentation
+    with pytest.raises(FileNotFoundError, match="split 'test' does not exist"):
+        SegmentationDataset(tmp_path / "prep", "test")
+    with pytest.raises(FileNotFoundError, match="preprocess"):
+        SegmentationDataset(tmp_path / "nowhere", "train")

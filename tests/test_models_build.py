@@ -1,0 +1,231 @@
+"""Every framework x {none, MCIBI, ACF} builds from a config dict and trains; config validation; backbones."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ctxseg.models import ModelConfig, build_segmentor, receptive_field
+from ctxseg.models.acf import ACF
+from ctxseg.models.backbones import build_backbone
+from ctxseg.models.config import ACFConfig, BackboneConfig, MCIBIConfig
+
+FRAMEWORKS = ["fcn", "pspnet", "deeplabv3", "ocrnet"]
+CONTEXTS = ["none", "mcibi", "acf"]
+NUM_CLASSES = 4
+TINY = {"channels": 16, "aux_channels": 8, "ocr_key_channels": 8, "acf": {"channels": 8, "heads": 2, "mixtures": 2},
+        "backbone": {"name": "resnet_tiny", "width": 4}}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_build_forward_backward(framework, context):
+    model = build_segmentor({**TINY, "framework": framework, "context": context}, NUM_CLASSES)
+    assert model.num_classes == NUM_CLASSES
+    model.train()
+    # one odd size with batch 1 (train mode must not need batch > 1), one even size with batch 2
+    for b, h, w in [(1, 37, 45), (2, 48, 40)]:
+        model.zero_grad(set_to_none=True)
+        images = torch.randn(b, 3, h, w)
+        targets = torch.randint(0, NUM_CLASSES, (b, h, w))
+        targets[:, :3] = 255
+        out = model(images, targets, 0.25)
+        assert out["logits"].shape == (b, NUM_CLASSES, h, w)
+        for key in ["loss", "loss_o", "loss_aux"]:
+            assert out[key].dim() == 0 and torch.isfinite(out[key])
+        assert not out["loss_o"].requires_grad and out["loss"].requires_grad
+        out["loss"].backward()
+        g = model.backbone.conv1.weight.grad
+        assert g is not None and g.abs().sum() > 0, "gradient must reach the backbone stem"
+        assert model.backbone.layer4[0].conv2.weight.grad.abs().sum() > 0
+        if context == "mcibi":
+            assert {"loss_w", "loss_m", "memory_momentum"} <= out.keys()
+            mem = model.memory.memory
+            assert not mem.requires_grad and mem.grad is None, "the memory takes no gradient"
+            assert all(p is not mem for p in model.parameters())
+            assert bool(model.memory.initialized.any())
+            expected = out["loss_o"] + 0.4 * out["loss_aux"] + 0.4 * out["loss_w"] + 1.0 * out["loss_m"]
+            assert torch.allclose(out["loss"].detach(), expected, atol=1e-5)  # Eq 19 + aux
+        else:
+            assert "loss_w" not in out
+            assert torch.allclose(out["loss"].detach(), out["loss_o"] + 0.4 * out["loss_aux"], atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 29, 31), torch.zeros(1, 29, 31, dtype=torch.long))
+    assert set(out) == {"logits"} and out["logits"].shape == (1, NUM_CLASSES, 29, 31)
+
+
+def test_memory_in_state_dict_and_roundtrip():
+    model = build_segmentor({**TINY, "context": "mcibi"}, NUM_CLASSES).train()
+    model(torch.randn(2, 3, 32, 32), torch.randint(0, NUM_CLASSES, (2, 32, 32)), 0.0)
+    sd = model.state_dict()
+    keys = [k for k in sd if k.endswith("memory")]
+    assert keys == ["decode_head.memory.memory"]
+    assert sd[keys[0]].abs().sum() > 0
+    other = build_segmentor({**TINY, "context": "mcibi"}, NUM_CLASSES)
+    other.load_state_dict(sd)
+    assert torch.equal(other.memory.memory, model.memory.memory)
+    assert torch.equal(other.memory.initialized, model.memory.initialized)
+
+
+def test_eval_mode_does_not_update_memory():
+    model = build_segmentor({**TINY, "context": "mcibi"}, NUM_CLASSES).eval()
+    before = model.memory.memory.clone()
+    model(torch.randn(1, 3, 32, 32), torch.randint(0, NUM_CLASSES, (1, 32, 32)))
+    assert torch.equal(before, model.memory.memory)
+
+
+def test_rcl_off_and_fusions():
+    for fusion in ["add", "weighted_add", "concat"]:
+        model = build_segmentor({**TINY, "framework": "pspnet", "context": "mcibi",
+                                 "mcibi": {"fusion": fusion, "rcl": False}}, NUM_CLASSES).train()
+        out = model(torch.randn(2, 3, 33, 33), torch.randint(0, NUM_CLASSES, (2, 33, 33)), 0.5)
+        assert float(out["loss_m"]) == 0.0
+        expected = out["loss_o"] + 0.4 * out["loss_aux"] + 0.4 * out["loss_w"]
+        assert torch.allclose(out["loss"].detach(), expected, atol=1e-5)
+        out["loss"].backward()
+
+
+def test_all_ignored_batch_gives_zero_loss_with_graph():
+    model = build_segmentor({**TINY, "context": "acf"}, NUM_CLASSES).train()
+    out = model(torch.randn(1, 3, 32, 32), torch.full((1, 32, 32), 255), 0.0)
+    assert float(out["loss"].detach()) == 0.0 and out["loss"].requires_grad
+
+
+# ---------------------------------------------------------------- config
+def test_config_defaults_and_dicts():
+    cfg = ModelConfig()
+    assert (cfg.framework, cfg.context, cfg.backbone.name) == ("fcn", "none", "resnet_tiny")
+    assert cfg.aux_weight == 0.4
+    m = cfg.mcibi
+    assert (m.momentum, m.momentum_power, m.alpha, m.beta) == (0.9, 0.9, 0.4, 1.0)
+    assert (m.fusion, m.init, m.update, m.rcl) == ("concat", "random", "cosine", True)
+    assert ModelConfig.model_validate({"framework": "fcn"}) == cfg
+    assert build_segmentor(ModelConfig(), 3).num_classes == 3
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"framwork": "fcn"}, "framwork"),
+    ({"framework": "unet"}, "framework"),
+    ({"mcibi": {"momentum": 1.5}}, "momentum"),
+    ({"mcibi": {"fusion": "mul"}}, "fusion"),
+    ({"mcibi": {"alpah": 0.4}}, "alpah"),
+    ({"backbone": {"name": "resnet34"}}, "name"),
+    ({"acf": {"heads": 0}}, "heads"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_config_rejects_typos_and_ranges(bad, where):
+    with pytest.raises(ValidationError) as err:
+        ModelConfig.model_validate(bad)
+    assert where in str(err.value)
+
+
+def test_bad_acf_heads_mixtures_channels_are_clear():
+    with pytest.raises(ValidationError) as err:
+        ACFConfig(channels=30, heads=4, mixtures=2)
+    msg = str(err.value)
+    assert "acf.channels=30" in msg and "acf.heads" in msg and "acf.mixtures" in msg and "8" in msg
+    with pytest.raises(ValidationError, match="acf.heads"):
+        ModelConfig.model_validate({"context": "acf", "acf": {"channels": 32, "heads": 3, "mixtures": 1}})
+    with pytest.raises(ValueError, match="acf.channels=12 is not divisible by acf.heads x acf.mixtures"):
+        ACF(16, channels=12, heads=2, mixtures=4)
+    ACFConfig(channels=24, heads=3, mixtures=2)  # divisible: accepted
+
+
+def test_bad_mcibi_channels_are_clear():
+    with pytest.raises(ValidationError, match="mcibi.channels=15"):
+        MCIBIConfig(channels=15)
+    with pytest.raises(ValueError, match="must be even"):
+        build_segmentor({"context": "mcibi", "channels": 15}, 3)
+
+
+# ---------------------------------------------------------------- backbones
+@pytest.mark.parametrize("name, deep", [("resnet_tiny", False), ("resnet_tiny", True), ("resnet18", False),
+                                        ("resnet50", True)])
+def test_backbone_output_stride_8(name, deep):
+    bb = build_backbone(BackboneConfig(name=name, deep_stem=deep, width=8 if name != "resnet_tiny" else None)).eval()
+    with torch.no_grad():
+        outs = bb(torch.randn(1, 3, 65, 63))
+    assert len(outs) == 4
+    assert [o.shape[1] for o in outs] == bb.out_channels
+    assert outs[3].shape[-2:] == (9, 8)  # ceil(65/8), ceil(63/8): output stride 8
+    assert outs[2].shape[-2:] == outs[3].shape[-2:]
+    if name != "resnet_tiny":  # stages 3 and 4 dilated 2 and 4
+        assert bb.layer3[-1].conv2.dilation == (2, 2) and bb.layer4[-1].conv2.dilation == (4, 4)
+    assert hasattr(bb, "stem") == deep
+
+
+def test_resnet101_depths():
+    bb = build_backbone(BackboneConfig(name="resnet101", width=4))
+    assert [len(getattr(bb, f"layer{i}")) for i in range(1, 5)] == [3, 4, 23, 3]
+    assert bb.out_channels == [16, 32, 64, 128]
+
+
+def test_pretrained_local_file_reports_keys(tmp_path, caplog):
+    src = build_backbone(BackboneConfig())
+    state = {f"backbone.{k}": v.clone() for k, v in src.state_dict().items() if not k.startswith("layer4.0.conv3")}
+    state["backbone.extra.weight"] = torch.zeros(1)
+    state["fc.weight"] = torch.zeros(10, 10)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": state}, path)
+    with caplog.at_level(logging.WARNING, logger="ctxseg.models.backbones"):
+        model = build_segmentor({"backbone": {"pretrained": str(path)}}, 3)
+    text = caplog.text
+    assert "missing" in text and "layer4.0.conv3.weight" in text
+    assert "unexpected" in text and "extra.weight" in text
+    assert torch.equal(model.backbone.layer1[0].conv2.weight, src.layer1[0].conv2.weight)
+    with pytest.raises(FileNotFoundError):
+        build_segmentor({"backbone": {"pretrained": str(tmp_path / "nope.pth")}}, 3)
+
+
+# ---------------------------------------------------------------- receptive field
+def test_receptive_field_default_and_empirical():
+    rf = receptive_field(ModelConfig())
+    assert rf == 63
+    assert receptive_field(build_segmentor(ModelConfig(), 2)) == rf
+    assert receptive_field({"framework": "deeplabv3"}) > 500  # atrous 36 at stride 8
+    # empirical: the gradient of one central pre-upsampling logit w.r.t. the input covers <= rf pixels
+    model = build_segmentor(ModelConfig(), 2).eval()
+    for p in model.parameters():  # positive weights: no ReLU dead zones, so the support is the full RF
+        p.data.abs_()
+    x = (torch.rand(1, 3, 160, 160) + 0.1).requires_grad_()
+    logits, _, _ = model.decode_head(model.backbone(x)[3])
+    logits[0, 0, 10, 10].backward()
+    rows = x.grad[0].abs().sum(0).sum(1).nonzero().squeeze(1)
+    extent = int(rows.max() - rows.min() + 1)
+    assert extent == rf
+
+
+def test_autocast_bf16_training_step_keeps_memory_float32():
+    model = build_segmentor({**TINY, "framework": "ocrnet", "context": "mcibi"}, NUM_CLASSES).train()
+    x, y = torch.randn(2, 3, 33, 35), torch.randint(0, NUM_CLASSES, (2, 33, 35))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, y, 0.0)
+        out = model(x, y, 0.5)  # second step runs the Eq 6 update on initialised rows
+    out["loss"].backward()
+    assert model.memory.memory.dtype == torch.float32 and bool(torch.isfinite(model.memory.memory).all())
+
+
+def test_config_dump_is_plain_yaml_types():
+    import yaml
+
+    dumped = ModelConfig().model_dump()
+    assert ModelConfig.model_validate(yaml.safe_load(yaml.safe_dump(dumped))) == ModelConfig()
+
+
+def test_models_package_imports_no_ray_mlflow_dvc():
+    import subprocess
+    import sys
+
+    code = ("import sys, ctxseg.models; bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'dvc')];"
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,74 @@
+"""End to end: the real `dvc repro` on a tiny study in a throw-away copy of the project."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import make_project, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
+    project = make_project(tmp_path / "study", tiny_overrides)
+    first = run(["dvc", "repro"], project)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+
+    # metrics: the contract keys, mIoU a fraction
+    metrics = json.loads((project / "metrics" / "fcn.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0
+    assert 0.0 <= metrics["pixAcc"] <= 1.0 and 0.0 <= metrics["mAcc"] <= 1.0
+    assert len(metrics["per_class_iou"]) >= 2
+    assert "ms_flip" in metrics
+
+    # MLflow: the run has params, a per-epoch metric history and a checkpoint artifact
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ctxseg")
+    assert experiment is not None
+    assert experiment.artifact_location.startswith((project / "mlartifacts").as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    mlrun = runs[0]
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.info.run_name == "synthetic/fcn+none"
+    assert mlrun.data.params["train.epochs"] == "2"
+    assert mlrun.data.params["model.framework"] == "fcn"
+    assert mlrun.data.tags["dataset"] == "synthetic"
+    history = client.get_metric_history(mlrun.info.run_id, "val_mIoU")
+    assert len(history) == 2, "one validation point per epoch"
+    assert len(client.get_metric_history(mlrun.info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "checkpoint")}
+    assert "checkpoint/state.pt" in artifacts
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert [m.source_run_id for m in logged] == [mlrun.info.run_id]
+    reloaded = mlflow.pytorch.load_model(logged[0].model_uri)
+    with torch.no_grad():
+        assert reloaded(torch.zeros(1, 3, 40, 40))["logits"].shape == (1, len(metrics["per_class_iou"]), 40, 40)
+    assert mlrun.data.metrics["eval_mIoU"] == pytest.approx(metrics["mIoU"])
+
+    # report names the model and shows its mIoU
+    report = (project / "reports" / "report.md").read_text()
+    assert "| fcn |" in report
+    assert f"{100 * metrics['mIoU']:.2f}" in report
+    assert (project / "reports" / "report.html").read_text().startswith("<!doctype html>")
+
+    # the trained model reloads with weights_only=True
+    payload = torch.load(project / "models" / "fcn" / "model.pt", weights_only=True)
+    assert payload["num_classes"] == len(metrics["per_class_iou"])
+
+    # a second repro runs nothing
+    second = run(["dvc", "repro"], project)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "Running stage" not in out, out
+    assert re.search(r"didn't change, skipping", out)
+    status = run(["dvc", "status"], project)
+    assert "up to date" in status.stdout.lower(), status.stdout
