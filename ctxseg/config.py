@@ -100,14 +100,19 @@ class MLflowConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     """Single-scale and multi-scale + flip evaluation, as both papers report."""
 
+    split: str = Field("val", min_length=1, description="split of the prepared dataset to score")
     mode: Literal["whole", "slide"] = "whole"
     crop_size: int = Field(512, ge=8, description="sliding-window crop (mode: slide)")
     stride: int = Field(341, ge=1, description="sliding-window stride (mode: slide)")
     multi_scale: bool = Field(True, description="also report multi-scale + flip")
     scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images are batched)")
     num_visualisations: int = Field(4, ge=0, description="fixed sample of val images rendered with the palette")
+    feature_images: int = Field(
+        64, ge=0, description="images whose per-class mean features (classifier input) are kept for the "
+        "report's feature-space figure; 0 = off")
+    log_mlflow: bool = Field(True, description="log metrics, plots and predictions to the model's MLflow run")
 
     @field_validator("scales")
     @classmethod
@@ -124,8 +129,33 @@ class EvaluateConfig(StrictModel):
 
 
 class ReportConfig(StrictModel):
+    """What ``reports/report.md`` / ``report.html`` show (README: "The report")."""
+
     title: str = "ctxseg study"
     baseline_context: Literal["none"] = "none"
+    ablations: list[Literal["fusion", "memory"]] = Field(
+        default_factory=lambda: ["fusion", "memory"],
+        description="ablation tables shown when their runs exist: fusion = MCIBI Table 1 (mcibi.fusion); "
+        "memory = MCIBI Table 2 (mcibi.init / update / momentum_power / rcl)")
+    sweeps: bool = Field(True, description="show tune/results.csv (K x H grid, m0 / alpha / beta) when present")
+    complexity: bool = Field(True, description="params / FLOPs / CPU latency per context module (MCIBI Table 3)")
+    latency_in_channels: int = Field(256, ge=8, description="channels of the latency-measurement input")
+    latency_size: int = Field(32, ge=8, description="side of the latency-measurement input (small: CPU budget)")
+    latency_channels: int = Field(64, ge=8, description="decode-head width of the latency measurement")
+    latency_repeats: int = Field(3, ge=1, le=100)
+    qualitative_images: int = Field(4, ge=0, description="rows of the image / GT / models grid (MCIBI Fig 4)")
+    feature_space: bool = Field(True, description="PCA of per-image class features, baseline vs MCIBI (MCIBI Fig 3)")
+    training_curves_from_mlflow: bool = Field(
+        True, description="per-iteration loss from MLflow (falls back to run.json's per-epoch history)")
+    register_model: bool = Field(True, description="register the best model (by mIoU) in the MLflow Model Registry")
+    registered_model_name: Optional[str] = Field(None, description="null = ctxseg-<data.name>")
+
+    @field_validator("ablations")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"ablations lists a table twice: {v}")
+        return v
 
 
 class Params(StrictModel):

@@ -150,7 +150,7 @@ def train_one_epoch(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {state.iteration} (epoch {state.epoch + 1}): "
-                f"loss={float(loss):.4g} ({shown}). Lower train.lr or check the data; "
+                f"loss={float(loss.detach()):.4g} ({shown}). Lower train.lr or check the data; "
                 f"the last good checkpoint is kept."
             )
         optimizer.zero_grad(set_to_none=True)

@@ -1,22 +1,43 @@
 """DVC stage ``report``: the study's results as the papers present them.
 
 Writes ``reports/report.md`` and a self-contained ``reports/report.html`` (images inlined), plus the
-PNG figures in ``reports/figures/``.
+PNG figures in ``reports/figures/``; the whole ``reports/`` folder is replaced atomically.
+
+Sections: headline (did context help, at what cost), main results (MCIBI Table 5 layout), ablations
+(MCIBI Tables 1 and 2, when such runs exist), sweep results from ``tune/`` (CFNet Table 3's K x H grid;
+m0 / alpha / beta), complexity (MCIBI Table 3: params / FLOPs / measured CPU latency, the paper's
+figures beside ours), training curves, per-class IoU, confusion matrix, a qualitative grid (MCIBI
+Fig 4), the feature space (MCIBI Fig 3), MLflow runs and the Model Registry entry of the best model.
 """
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import logging
 import math
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
-from ctxseg.config import Params
-from ctxseg.io import atomic_path, write_text
+import numpy as np
+
+from ctxseg.config import ConfigError, Params, flatten
+from ctxseg.io import atomic_path
 from pipeline import common
 
 log = logging.getLogger("ctxseg.report")
+
+CONTEXTS = ("none", "mcibi", "acf")
+CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
+FUSION_LABEL = {"add": "add (R + C_bi)", "weighted_add": "weighted add", "concat": "concat (Eq 4)"}
+# MCIBI Table 2 knobs (memory initialisation / update / momentum schedule / RCL)
+MEMORY_KEYS = ("init", "update", "momentum_power", "rcl")
+SWEEP_FIXED_COLUMNS = ("trial_id", "model", "status", "iterations", "final_mIoU", "best_mIoU")
+
+
+# ---------------------------------------------------------------------------------------------
+# the document
 
 
 class Document:
@@ -32,11 +53,15 @@ class Document:
     def paragraph(self, text: str) -> None:
         self.blocks.append(("paragraph", text))
 
+    def bullets(self, items: Sequence[str]) -> None:
+        if items:
+            self.blocks.append(("bullets", list(items)))
+
     def code(self, text: str) -> None:
         self.blocks.append(("code", text))
 
-    def table(self, headers: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", headers, rows))
+    def table(self, headers: list[str], rows: list[list[str]], caption: str = "") -> None:
+        self.blocks.append(("table", headers, rows, caption))
 
     def image(self, path: Path, caption: str) -> None:
         self.blocks.append(("image", path, caption))
@@ -49,13 +74,17 @@ class Document:
                 out += ["#" * block[1] + " " + block[2], ""]
             elif kind == "paragraph":
                 out += [block[1], ""]
+            elif kind == "bullets":
+                out += [f"- {item}" for item in block[1]] + [""]
             elif kind == "code":
                 out += ["```", block[1], "```", ""]
             elif kind == "table":
-                headers, rows = block[1], block[2]
-                out.append("| " + " | ".join(headers) + " |")
+                headers, rows, caption = block[1], block[2], block[3]
+                if caption:
+                    out += [f"*{caption}*", ""]
+                out.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
                 out.append("|" + "|".join("---" for _ in headers) + "|")
-                out += ["| " + " | ".join(row) + " |" for row in rows]
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
                 out.append("")
             elif kind == "image":
                 out += [f"![{block[2]}]({block[1].relative_to(base).as_posix()})", "", f"*{block[2]}*", ""]
@@ -64,22 +93,27 @@ class Document:
     def html(self) -> str:
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
                  "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+                 "table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:4px 8px;"
                  "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-                 "img{max-width:100%}pre{background:#f6f6f6;padding:.6em}</style></head><body>",
+                 "caption{caption-side:top;text-align:left;font-style:italic;padding:.3em 0}"
+                 "img{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow-x:auto}"
+                 "figcaption{font-style:italic;color:#444}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>"]
         for block in self.blocks:
             kind = block[0]
             if kind == "heading":
                 parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
             elif kind == "paragraph":
-                parts.append(f"<p>{html.escape(block[1])}</p>")
+                parts.append(f"<p>{_inline_html(block[1])}</p>")
+            elif kind == "bullets":
+                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "</ul>")
             elif kind == "code":
                 parts.append(f"<pre>{html.escape(block[1])}</pre>")
             elif kind == "table":
+                caption = f"<caption>{html.escape(block[3])}</caption>" if block[3] else ""
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
                 body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
-                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                parts.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif kind == "image":
                 data = base64.b64encode(block[1].read_bytes()).decode()
                 parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(block[2])}'>"
@@ -88,96 +122,755 @@ class Document:
         return "\n".join(parts)
 
 
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then render Markdown `code` spans."""
+    out = html.escape(text)
+    pieces = out.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def pct(value: Optional[float]) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    return f"{100 * value:.2f}" if _finite(value) else "–"
 
 
 def delta(value: Optional[float], base: Optional[float]) -> str:
-    if value is None or base is None or math.isnan(value) or math.isnan(base):
+    if not (_finite(value) and _finite(base)):
         return "–"
     return f"{100 * (value - base):+.2f}"
 
 
+def _num(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# results of the trained models
+
+
 def collect_results(params: Params, paths: common.Paths) -> list[dict]:
-    """One record per model of params: its config, metrics/<model>.json and run.json."""
+    """One record per model of params: its resolved config, metrics/<model>.json and run.json."""
     records = []
+    defaults = flatten(params.model.model_dump(mode="json"))
     for name, cfg in params.models.items():
         metrics = common.read_json(paths.metrics_file(name), f"metrics of model {name!r}",
-                                   "Run `dvc repro evaluate` first.")
+                                   f"Run `dvc repro evaluate@{name}` first.")
         run_file = paths.model_dir(name) / "run.json"
         run = common.read_json(run_file, "", "") if run_file.is_file() else {}
-        records.append({"name": name, "framework": cfg.framework, "context": cfg.context,
-                        "metrics": metrics, "run": run})
+        flat = flatten(cfg.model_dump(mode="json"))
+        variant = {k: v for k, v in flat.items() if k not in ("framework", "context") and v != defaults.get(k)
+                   and (cfg.context == "mcibi" or not k.startswith("mcibi."))
+                   and (cfg.context == "acf" or not k.startswith("acf."))}
+        records.append({"name": name, "framework": cfg.framework, "context": cfg.context, "config": cfg,
+                        "flat": flat, "variant": variant, "metrics": metrics, "run": run,
+                        "run_id": metrics.get("run_id") or run.get("run_id")})
     return records
 
 
-def main_results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """MCIBI Table 5 layout: framework × context, mIoU with the delta against the framework's baseline."""
-    baselines = {r["framework"]: r for r in records if r["context"] == "none"}
-    headers = ["model", "framework", "context", "mIoU (%)", "Δ vs baseline", "pixAcc (%)", "mAcc (%)",
-               "mIoU ms+flip (%)", "Δ ms+flip"]
-    rows = []
-    order = {"none": 0, "mcibi": 1, "acf": 2}
-    for r in sorted(records, key=lambda r: (r["framework"], order.get(r["context"], 9), r["name"])):
-        m = r["metrics"]
-        base = baselines.get(r["framework"])
-        bm = base["metrics"] if base else None
-        ms = m.get("ms_flip", {}).get("mIoU")
-        bms = bm.get("ms_flip", {}).get("mIoU") if bm else None
-        rows.append([r["name"], r["framework"], r["context"], pct(m["mIoU"]),
-                     delta(m["mIoU"], bm["mIoU"] if bm else None) if r["context"] != "none" else "",
-                     pct(m["pixAcc"]), pct(m["mAcc"]), pct(ms),
-                     delta(ms, bms) if r["context"] != "none" else ""])
-    return headers, rows
-
-
-def per_class_figure(records: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    classes = list(records[0]["metrics"]["per_class_iou"])
-    width = 0.8 / max(len(records), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) * max(1, len(records) / 2)), 3.5))
-    x = np.arange(len(classes))
-    for i, r in enumerate(records):
-        values = [r["metrics"]["per_class_iou"].get(c) for c in classes]
-        values = [np.nan if v is None else 100 * v for v in values]
-        ax.bar(x + i * width, values, width, label=r["name"])
-    ax.set_xticks(x + 0.4 - width / 2, classes, rotation=45, ha="right")
-    ax.set_ylabel("IoU (%)")
-    ax.set_title("Per-class IoU (single scale)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+def main_records(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """The record standing for each (framework, context): the canonically named model (``fcn``,
+    ``fcn_mcibi``, ``fcn_acf``) if listed, else the first listed one."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in records:
+        key = (r["framework"], r["context"])
+        canonical = r["framework"] if r["context"] == "none" else f"{r['framework']}_{r['context']}"
+        if key not in out or (r["name"] == canonical and out[key]["name"] != canonical):
+            out[key] = r
     return out
 
 
-def build_report(params: Params, paths: common.Paths) -> Document:
+def frameworks(records: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in records:
+        if r["framework"] not in seen:
+            seen.append(r["framework"])
+    return seen
+
+
+def _miou(r: Optional[dict], ms: bool = False) -> Optional[float]:
+    if r is None:
+        return None
+    m = r["metrics"]
+    return m.get("ms_flip", {}).get("mIoU") if ms else m.get("mIoU")
+
+
+def paper_table5(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """MCIBI Table 5 layout: one row per framework, baseline / +MCIBI / +ACF with Δ to the baseline.
+
+    Each cell is "single-scale / multi-scale+flip" mIoU (%)."""
+    mains = main_records(records)
+    headers = ["framework", "baseline", "+MCIBI", "Δ +MCIBI", "+ACF", "Δ +ACF"]
+    rows = []
+    for fw in frameworks(records):
+        base = mains.get((fw, "none"))
+        row = [fw]
+        for ctx in CONTEXTS:
+            r = mains.get((fw, ctx))
+            cell = "–" if r is None else f"{pct(_miou(r))} / {pct(_miou(r, True))}"
+            row.append(cell)
+            if ctx != "none":
+                row.append("–" if r is None else f"{delta(_miou(r), _miou(base))} / {delta(_miou(r, True), _miou(base, True))}")
+        rows.append(row)
+    return headers, rows
+
+
+def main_results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every model: mIoU with the delta against its framework's baseline, pixAcc, mAcc, ms+flip."""
+    baselines = {fw: r for (fw, ctx), r in main_records(records).items() if ctx == "none"}
+    headers = ["model", "framework", "context", "variant", "mIoU (%)", "Δ vs baseline", "pixAcc (%)", "mAcc (%)",
+               "mIoU ms+flip (%)", "Δ ms+flip", "params (M)"]
+    rows = []
+    order = {c: i for i, c in enumerate(CONTEXTS)}
+    for r in sorted(records, key=lambda r: (frameworks(records).index(r["framework"]), order.get(r["context"], 9))):
+        m = r["metrics"]
+        base = baselines.get(r["framework"])
+        is_base = base is r
+        n_params = m.get("num_params")
+        rows.append([r["name"], r["framework"], r["context"], variant_label(r),
+                     pct(m.get("mIoU")), "" if is_base else delta(m.get("mIoU"), _miou(base)),
+                     pct(m.get("pixAcc")), pct(m.get("mAcc")), pct(_miou(r, True)),
+                     "" if is_base else delta(_miou(r, True), _miou(base, True)),
+                     f"{n_params / 1e6:.2f}" if _finite(n_params) else "–"])
+    return headers, rows
+
+
+def variant_label(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(r["variant"].items())) or "default"
+
+
+def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]:
+    """One line per context model: its mIoU change over the baseline and its extra cost."""
+    mains = main_records(records)
+    cost = {}
+    for row in complexity or []:
+        cost[(row["framework"], row["context"])] = row
+    lines = []
+    for fw in frameworks(records):
+        base = mains.get((fw, "none"))
+        for ctx in ("mcibi", "acf"):
+            r = mains.get((fw, ctx))
+            if r is None:
+                continue
+            text = f"`{r['name']}` ({fw} {CONTEXT_LABEL[ctx]}): "
+            if base is None:
+                text += f"mIoU {pct(_miou(r))}% (no {fw} baseline in this study to compare with)"
+            else:
+                d = _miou(r) - _miou(base) if _finite(_miou(r)) and _finite(_miou(base)) else None
+                verdict = "n/a" if d is None else ("helped" if d > 0 else "did not help")
+                text += (f"{delta(_miou(r), _miou(base))} mIoU points over `{base['name']}` single-scale "
+                         f"({pct(_miou(base))} → {pct(_miou(r))}), {delta(_miou(r, True), _miou(base, True))} with "
+                         f"multi-scale + flip: **{verdict}** here")
+            c, b = cost.get((fw, ctx)), cost.get((fw, "none"))
+            if c and b:
+                text += (f"; cost in the MCIBI Table 3 setting: {c['params_M'] - b['params_M']:+.2f} M params, "
+                         f"{c['flops_G'] - b['flops_G']:+.1f} GFLOPs")
+                if _finite(c.get("latency_ms")) and _finite(b.get("latency_ms")):
+                    text += f", {c['latency_ms'] - b['latency_ms']:+.1f} ms CPU latency (small input)"
+            lines.append(text + ".")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# ablations (MCIBI Tables 1 and 2)
+
+
+def _mcibi_groups(records: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+    """framework -> (main MCIBI record, all MCIBI records of that framework)."""
+    mains = main_records(records)
+    groups = {}
+    for fw in frameworks(records):
+        runs = [r for r in records if r["framework"] == fw and r["context"] == "mcibi"]
+        if runs:
+            groups[fw] = (mains[(fw, "mcibi")], runs)
+    return groups
+
+
+def _other_differences(r: dict, ref: dict, table_keys: Sequence[str]) -> str:
+    diff = [f"{k}={v}" for k, v in sorted(r["flat"].items())
+            if k not in table_keys and v != ref["flat"].get(k) and not k.startswith("acf.")]
+    return ", ".join(diff) or "–"
+
+
+def fusion_table(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """MCIBI Table 1: fusion F of Eq 4 (add / weighted add / concat), other memory knobs as the main run's."""
+    tables = []
+    baselines = {fw: r for (fw, c), r in main_records(records).items() if c == "none"}
+    for fw, (main, runs) in _mcibi_groups(records).items():
+        same = [r for r in runs if all(r["flat"][f"mcibi.{k}"] == main["flat"][f"mcibi.{k}"] for k in MEMORY_KEYS)]
+        if len({r["flat"]["mcibi.fusion"] for r in same}) < 2:
+            continue
+        base = baselines.get(fw)
+        rows = []
+        if base is not None:
+            rows.append([base["name"], "(no DCA: baseline)", pct(_miou(base)), "", "–"])
+        order = list(FUSION_LABEL)
+        for r in sorted(same, key=lambda r: order.index(r["flat"]["mcibi.fusion"])):
+            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], pct(_miou(r)),
+                         delta(_miou(r), _miou(base)) if base else "–",
+                         _other_differences(r, main, ["mcibi.fusion"])])
+        tables.append((fw, ["model", "fusion F", "mIoU (%)", "Δ vs baseline", "other differences"], rows))
+    return tables
+
+
+def memory_table(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """MCIBI Table 2: memory initialisation, update (cosine / mean), momentum schedule (poly / constant), RCL."""
+    tables = []
+    baselines = {fw: r for (fw, c), r in main_records(records).items() if c == "none"}
+    for fw, (main, runs) in _mcibi_groups(records).items():
+        same = [r for r in runs if r["flat"]["mcibi.fusion"] == main["flat"]["mcibi.fusion"]]
+        if len({tuple(r["flat"][f"mcibi.{k}"] for k in MEMORY_KEYS) for r in same}) < 2:
+            continue
+        base = baselines.get(fw)
+        rows = []
+        if base is not None:
+            rows.append([base["name"], "–", "–", "–", "–", pct(_miou(base)), "", "–"])
+        for r in same:
+            f = r["flat"]
+            p = f["mcibi.momentum_power"]
+            schedule = "constant" if p == 0 else f"poly (p={p})"
+            rows.append([r["name"], str(f["mcibi.init"]), str(f["mcibi.update"]), schedule,
+                         "✓" if f["mcibi.rcl"] else "✗", pct(_miou(r)),
+                         delta(_miou(r), _miou(base)) if base else "–",
+                         _other_differences(r, main, [f"mcibi.{k}" for k in MEMORY_KEYS])])
+        tables.append((fw, ["model", "memory init", "update", "momentum", "RCL", "mIoU (%)", "Δ vs baseline",
+                            "other differences"], rows))
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# tune results (CFNet Table 3 grid, m0 / alpha / beta)
+
+
+def read_sweep(path: Path) -> list[dict]:
+    """Rows of ``tune/results.csv`` with numbers parsed (empty cells -> None)."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("model", "best_mIoU") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(f"{path}: missing column(s) {missing}; expected trial_id, model, status, iterations, "
+                              "final_mIoU, best_mIoU and one column per swept key. Re-run `dvc repro tune`.")
+        rows = []
+        for raw in reader:
+            rows.append({k: _parse_cell(v) if k not in ("trial_id", "model", "status") else (v or "")
+                         for k, v in raw.items() if k is not None})
+    return rows
+
+
+def _parse_cell(value: Optional[str]) -> Any:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value.strip()
+    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
+def _sweep_score(row: dict) -> Optional[float]:
+    for key in ("best_mIoU", "final_mIoU"):
+        if _finite(row.get(key)):
+            return float(row[key])
+    return None
+
+
+def _as_pct(values: list[float]) -> float:
+    """mIoU in results.csv as a fraction (0-1, like metrics/) -> x100; already-percent values are kept."""
+    return 1.0 if values and max(values) > 1.0 else 100.0
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        for k, v in row.items():
+            if k not in SWEEP_FIXED_COLUMNS and "." in k and v is not None and k not in keys:
+                keys.append(k)
+    return keys
+
+
+def kh_grid(rows: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
+    """model -> (K values, H values, best mIoU grid [K, H]) over trials that set both acf.mixtures and acf.heads."""
+    out = {}
+    for model in sorted({r["model"] for r in rows}):
+        trials = [r for r in rows if r["model"] == model and r.get("acf.mixtures") is not None
+                  and r.get("acf.heads") is not None and _sweep_score(r) is not None]
+        if not trials:
+            continue
+        ks = sorted({r["acf.mixtures"] for r in trials})
+        hs = sorted({r["acf.heads"] for r in trials})
+        grid = np.full((len(ks), len(hs)), np.nan)
+        for r in trials:
+            i, j = ks.index(r["acf.mixtures"]), hs.index(r["acf.heads"])
+            grid[i, j] = np.nanmax([grid[i, j], _sweep_score(r)])
+        out[model] = (ks, hs, grid)
+    return out
+
+
+def per_key_best(rows: list[dict], key: str) -> list[tuple[Any, float, int]]:
+    """(value, best mIoU, trials) for each value of a swept key."""
+    by: dict[Any, list[float]] = {}
+    for r in rows:
+        if r.get(key) is not None and _sweep_score(r) is not None:
+            by.setdefault(r[key], []).append(_sweep_score(r))
+    return [(v, max(s), len(s)) for v, s in sorted(by.items(), key=lambda kv: (str(type(kv[0])), kv[0]))]
+
+
+def add_sweep_section(doc: Document, params: Params, paths: common.Paths, figures: Path) -> None:
+    from ctxseg.visualize import heatmap_figure, save_png, sweep_scatter_figure
+
+    doc.heading("Sweep results (tune)")
+    results = paths.tune / "results.csv"
+    if not params.report.sweeps:
+        doc.paragraph("Sweep results are switched off (`report.sweeps: false`).")
+        return
+    if not results.is_file():
+        doc.paragraph(f"No sweep results: `{results.relative_to(paths.root)}` does not exist "
+                      "(run `dvc repro tune` to sweep K x H for ACF and m0 / α / β for MCIBI).")
+        return
+    rows = read_sweep(results)
+    if not rows:
+        doc.paragraph(f"No sweep results: `{results.relative_to(paths.root)}` holds no trials.")
+        return
+    scores = [s for s in (_sweep_score(r) for r in rows) if s is not None]
+    scale = _as_pct(scores)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r.get("status") or "?"] = statuses.get(r.get("status") or "?", 0) + 1
+    keys = swept_keys(rows)
+    doc.paragraph(f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) over "
+                  f"{', '.join(f'`{k}`' for k in keys) or 'no swept key'}; a trial's score is its best validation "
+                  "mIoU (early-stopped trials keep the best they reached).")
+    grids = kh_grid(rows)
+    for model, (ks, hs, grid) in grids.items():
+        doc.table(["K (acf.mixtures) \\ H (acf.heads)"] + [str(h) for h in hs],
+                  [[str(k)] + [_num(scale * v, 2) if np.isfinite(v) else "–" for v in grid[i]] for i, k in enumerate(ks)],
+                  caption=f"{model}: best mIoU (%) over K mixtures × H heads (layout of CFNet Table 3)")
+        doc.image(save_png(heatmap_figure(scale * grid, ks, hs, "H (acf.heads)", "K (acf.mixtures)",
+                                          f"{model}: mIoU (%) over K × H"),
+                           figures / f"sweep_kh_{_safe(model)}.png"),
+                  f"{model}: best validation mIoU (%) per K × H")
+    other = [k for k in keys if k not in ("acf.mixtures", "acf.heads")]
+    series = {}
+    for key in other:
+        best = per_key_best(rows, key)
+        if not best:
+            continue
+        doc.table([key, "best mIoU (%)", "trials"], [[str(v), _num(scale * s, 2), str(n)] for v, s, n in best],
+                  caption=f"mIoU against {key}")
+        xs = [r[key] for r in rows if _finite(r.get(key)) and _sweep_score(r) is not None]
+        ys = [scale * _sweep_score(r) for r in rows if _finite(r.get(key)) and _sweep_score(r) is not None]
+        if xs:
+            series[key] = (xs, ys)
+    if series:
+        doc.image(save_png(sweep_scatter_figure(series), figures / "sweep_params.png"),
+                  "Every trial's validation mIoU (%) against each swept MCIBI / ACF setting")
+    best_row = max((r for r in rows if _sweep_score(r) is not None), key=_sweep_score, default=None)
+    if best_row is not None:
+        setting = ", ".join(f"{k}={best_row[k]}" for k in keys if best_row.get(k) is not None)
+        doc.paragraph(f"Best trial: `{best_row.get('trial_id', '?')}` ({best_row['model']}, {setting}) with "
+                      f"mIoU {_num(scale * _sweep_score(best_row))}%.")
+    best_yaml = paths.tune / "best.yaml"
+    if best_yaml.is_file():
+        doc.paragraph(f"`{best_yaml.relative_to(paths.root)}`:")
+        doc.code(best_yaml.read_text(encoding="utf-8").strip())
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------
+# complexity (MCIBI Table 3)
+
+
+def complexity_rows(params: Params, num_classes: int) -> list[dict]:
+    """Params / FLOPs in the paper's setting (from ctxseg.models.complexity) + our measured CPU latency."""
+    import torch
+
+    from ctxseg.inference import measure_latency
+    from ctxseg.models import complexity
+
+    rows = complexity.complexity_table(device="meta")
+    rc = params.report
+    threads = torch.get_num_threads()
+    for row in rows:
+        head = _latency_head(complexity, row["framework"], row["context"], rc.latency_in_channels,
+                             rc.latency_channels, num_classes)
+        torch.manual_seed(0)
+        x = torch.randn(1, rc.latency_in_channels, rc.latency_size, rc.latency_size)
+        soft = torch.randn(1, num_classes, rc.latency_size, rc.latency_size) if row["framework"] == "ocrnet" else None
+        row["latency_ms"] = measure_latency(head, x, soft, warmup=1, repeats=rc.latency_repeats)["median_ms"]
+        row["latency_setting"] = (f"1×{rc.latency_in_channels}×{rc.latency_size}×{rc.latency_size}, "
+                                  f"{rc.latency_channels} channels, CPU, {threads} thread(s)")
+    return rows
+
+
+def _latency_head(complexity, framework: str, context: str, in_channels: int, channels: int, num_classes: int):
+    """The same decode-head feature path ``complexity.measure`` counts, built on the CPU."""
+    import torch
+
+    builder = getattr(complexity, "build_head", None) or getattr(complexity, "_head", None)
+    if builder is not None:
+        head = builder(framework, context, in_channels, channels, num_classes)
+    else:  # pragma: no cover - the complexity module changed its helpers
+        from ctxseg.models import ModelConfig
+        from ctxseg.models.segmentor import DecodeHead
+
+        head = DecodeHead(ModelConfig(framework=framework, context=context, channels=channels), in_channels,
+                          num_classes)
+        head.classifier = torch.nn.Identity()
+    if context == "mcibi":
+        with torch.no_grad():
+            head.memory.memory.normal_()
+    return head.eval()
+
+
+def add_complexity_section(doc: Document, rows: list[dict]) -> None:
+    from ctxseg.models import complexity
+
+    doc.heading("Complexity (MCIBI Table 3)")
+    setting = "input 1×2048×128×128, 512 channels, 150 classes"
+    has_paper_time = any(_finite(complexity.PAPER_TABLE3.get(r["module"], {}).get("time_ms")) for r in rows)
+    headers = ["module", "params (M)", "FLOPs (G)", "CPU latency (ms)", "paper: params (M)", "paper: FLOPs (G)"]
+    if has_paper_time:
+        headers.append("paper: time (ms, V100)")
+    body = []
+    for r in rows:
+        paper = complexity.PAPER_TABLE3.get(r["module"], {})
+        line = [r["module"], _num(r["params_M"]), _num(r["flops_G"], 1), _num(r.get("latency_ms"), 1),
+                _num(r.get("paper_params_M")), _num(r.get("paper_flops_G"), 1)]
+        if has_paper_time:
+            line.append(_num(paper.get("time_ms"), 1))
+        body.append(line)
+    doc.table(headers, body, caption=f"Decode-head feature path; params and FLOPs measured here in the paper's "
+                                     f"setting ({setting}; FLOPs = 2 per multiply-add)")
+    latency_setting = rows[0].get("latency_setting", "") if rows else ""
+    doc.paragraph(f"CPU latency is measured here on a much smaller input ({latency_setting}; median of "
+                  "repeated runs) to fit the report's time budget: compare modules with each other, not with a GPU. "
+                  "Columns marked **paper** are the figures printed in MCIBI Table 3 (Jin et al., ICCV 2021; its "
+                  "timings were taken on a V100 GPU); they are the paper's numbers, not ours, and `n/a` means the "
+                  "figure was not transcribed into `ctxseg/models/complexity.py`.")
+
+
+# ---------------------------------------------------------------------------------------------
+# figures from the evaluation outputs
+
+
+def training_curves(records: list[dict], params: Params, paths: common.Paths) -> dict:
+    """model -> {"loss": (x, y), "val_mIoU": (epochs, values)} from MLflow (per iteration) or run.json."""
+    curves: dict[str, dict] = {}
+    client = None
+    if params.report.training_curves_from_mlflow and any(r["run_id"] for r in records):
+        client = _mlflow_client(params, paths)
+    for r in records:
+        history = r["run"].get("history") or []
+        series: dict[str, tuple] = {}
+        if client is not None and r["run_id"]:
+            try:
+                points = sorted(client.get_metric_history(r["run_id"], "loss"), key=lambda m: m.step)
+                if points:
+                    series["loss"] = ([m.step for m in points], [m.value for m in points])
+            except Exception as err:  # a deleted run or an unreachable server: fall back to run.json
+                log.warning("[%s] no loss history from MLflow (%s); using run.json", r["name"], err)
+        if "loss" not in series and history and any("train_loss" in h for h in history):
+            hs = [h for h in history if "train_loss" in h]
+            series["loss"] = ([h.get("iteration", h.get("epoch")) for h in hs], [h["train_loss"] for h in hs])
+        vals = [h for h in history if _finite(h.get("val_mIoU"))]
+        if vals:
+            series["val_mIoU"] = ([h.get("epoch", i + 1) for i, h in enumerate(vals)],
+                                  [100 * h["val_mIoU"] for h in vals])
+        if series:
+            curves[r["name"]] = series
+    return curves
+
+
+def _mlflow_client(params: Params, paths: common.Paths):
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return mlflow.MlflowClient(common.mlflow_tracking_uri(params, paths.root))
+
+
+def qualitative_inputs(records: list[dict], params: Params, paths: common.Paths, meta: dict):
+    """Images, ground truths and the fixed-sample predictions of baseline / +MCIBI / +ACF of one framework."""
+    from ctxseg.data.dataset import read_image, read_label
+
+    mains = main_records(records)
+    fws = frameworks(records)
+    fw = next((f for f in fws if (f, "none") in mains), fws[0])
+    columns = [mains[(fw, c)] for c in CONTEXTS if (fw, c) in mains]
+    split = params.evaluate.split
+    id_sets = []
+    for r in columns:
+        pred_dir = paths.plots / r["name"] / "predictions"
+        id_sets.append({p.stem for p in pred_dir.glob("*.png")} if pred_dir.is_dir() else set())
+    ids = sorted(set.intersection(*id_sets)) if id_sets else []
+    ids = ids[: params.report.qualitative_images]
+    images, gts, preds = [], [], {f"{r['name']} ({CONTEXT_LABEL[r['context']]})": [] for r in columns}
+    for i in ids:
+        image_path = paths.prepared / "images" / split / f"{i}.png"
+        label_path = paths.prepared / "labels" / split / f"{i}.png"
+        if not (image_path.is_file() and label_path.is_file()):
+            continue
+        images.append(read_image(image_path))
+        gts.append(read_label(label_path))
+        for r, key in zip(columns, preds):
+            preds[key].append(read_label(paths.plots / r["name"] / "predictions" / f"{i}.png"))
+    return fw, images, gts, preds, ids
+
+
+def feature_panels(records: list[dict], paths: common.Paths) -> dict:
+    """Baseline and MCIBI class-mean features (plots/<model>/features.npz) of the first framework having both."""
+    mains = main_records(records)
+    for fw in frameworks(records):
+        pair = [mains.get((fw, "none")), mains.get((fw, "mcibi"))]
+        if any(r is None for r in pair):
+            continue
+        panels = {}
+        for r in pair:
+            path = paths.plots / r["name"] / "features.npz"
+            if not path.is_file():
+                break
+            with np.load(path) as f:
+                if len(f["means"]) == 0:
+                    break
+                panels[f"{r['name']} ({CONTEXT_LABEL[r['context']]})"] = {
+                    "means": f["means"], "classes": f["classes"],
+                    "memory": f["memory"] if "memory" in f.files else None}
+        if len(panels) == 2:
+            return panels
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow Model Registry
+
+
+def register_best_model(params: Params, paths: common.Paths, records: list[dict]) -> dict:
+    """Register the logged model of the best run (by single-scale mIoU) and point alias ``best`` at it.
+
+    Idempotent: an existing version from the same run is reused. Never raises: the result says
+    what happened (``status``: registered / reused / skipped / failed, and ``reason``).
+    """
+    scored = [r for r in records if _finite(_miou(r))]
+    if not scored:
+        return {"status": "skipped", "reason": "no model has a finite mIoU"}
+    best = max(scored, key=_miou)
+    out = {"model": best["name"], "mIoU": _miou(best), "run_id": best["run_id"]}
+    if not params.report.register_model:
+        return {**out, "status": "skipped", "reason": "`report.register_model` is false"}
+    if not best["run_id"]:
+        return {**out, "status": "skipped", "reason": f"{best['name']} has no MLflow run (models/{best['name']}/run.json)"}
+    name = params.report.registered_model_name or f"ctxseg-{params.data.name}"
+    out["registered_model"] = name
+    try:
+        import mlflow
+
+        client = _mlflow_client(params, paths)
+        mlflow.set_tracking_uri(common.mlflow_tracking_uri(params, paths.root))
+        experiment_id = best["run"].get("experiment_id") or client.get_run(best["run_id"]).info.experiment_id
+        logged = mlflow.search_logged_models(experiment_ids=[experiment_id],
+                                             filter_string=f"source_run_id = '{best['run_id']}'", output_format="list")
+        if not logged:
+            return {**out, "status": "skipped",
+                    "reason": f"run {best['run_id']} logged no model (was `mlflow.log_model` false?)"}
+        model_uri = logged[0].model_uri
+        version = None
+        try:
+            for v in client.search_model_versions(f"name = '{name}'"):
+                if v.run_id == best["run_id"] and v.source in (model_uri, f"models:/{logged[0].model_id}"):
+                    version = v
+                    break
+        except Exception:  # the registered model does not exist yet
+            version = None
+        status = "reused"
+        if version is None:
+            version = mlflow.register_model(model_uri, name, tags={"model": best["name"], "dataset": params.data.name})
+            status = "registered"
+        client.set_registered_model_alias(name, "best", version.version)
+        client.set_model_version_tag(name, version.version, "mIoU", f"{_miou(best):.6f}")
+        client.set_model_version_tag(name, version.version, "model", best["name"])
+        return {**out, "status": status, "version": str(version.version), "model_uri": model_uri,
+                "uri": f"models:/{name}@best"}
+    except Exception as err:
+        log.warning("could not register %s in the MLflow Model Registry: %s", best["name"], err)
+        return {**out, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def _data_description(params: Params, meta: dict, records: list[dict]) -> str:
+    splits = meta.get("splits", {})
+    sizes = meta.get("image_size_range", {})
+    size_text = []
+    for split, rng in sizes.items():
+        lo, hi = rng.get("min_hw"), rng.get("max_hw")
+        if lo and hi:
+            size_text.append(f"{split} {lo[0]}×{lo[1]}" + ("" if lo == hi else f" to {hi[0]}×{hi[1]}"))
+    epochs = sorted({r["run"].get("epochs") for r in records if r["run"].get("epochs")})
+    text = (f"Dataset: **{params.data.name}** ({meta['num_classes']} classes; "
+            + ", ".join(f"{n} {s} images" for s, n in splits.items())
+            + (f"; image sizes {', '.join(size_text)}" if size_text else "") + "). "
+            f"Models trained for {', '.join(map(str, epochs)) or params.train.epochs} epoch(s), global batch "
+            f"{params.train.batch_size}, backbone {params.model.backbone.name}; scored on the "
+            f"`{params.evaluate.split}` split ({records[0]['metrics'].get('num_images', '?')} images). ")
+    if params.data.name == "synthetic":
+        text += ("This is the embedded synthetic co-occurrence benchmark, far smaller than the papers' datasets: "
+                 "the numbers show whether context helps on a task built to need it, and are not comparable "
+                 "with the papers' ADE20K / Cityscapes / COCO-Stuff results. ")
+    text += ("Every number in this report was measured by this pipeline, except the columns explicitly "
+             "labelled as the paper's in the complexity table.")
+    return text
+
+
+def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = None) -> Document:
+    """Build the document; figures go to ``<out_dir>/figures`` (default ``reports/figures``)."""
+    from ctxseg.visualize import (
+        confusion_figure,
+        feature_space_figure,
+        per_class_iou_figure,
+        qualitative_grid_figure,
+        save_png,
+        training_curves_figure,
+    )
+
+    started = time.perf_counter()
     records = collect_results(params, paths)
     meta = common.dataset_meta(paths)
+    figures = (out_dir or paths.reports) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
     doc = Document(params.report.title)
-    splits = meta.get("splits", {})
-    doc.paragraph(
-        f"Dataset: {params.data.name} ({meta['num_classes']} classes; "
-        + ", ".join(f"{n} {s} images" for s, n in splits.items())
-        + "). All numbers below were measured by this pipeline on this dataset; none is copied from a paper."
-    )
-    doc.heading("Main results")
+    doc.paragraph(_data_description(params, meta, records))
+
+    complexity = None
+    if params.report.complexity:
+        try:
+            complexity = complexity_rows(params, int(meta["num_classes"]))
+        except Exception as err:  # the models engineer's module changed shape: report the rest
+            log.warning("complexity table skipped: %s", err)
+
+    doc.heading("Did the context modules help, and at what cost?")
+    lines = headline(records, complexity)
+    if lines:
+        doc.bullets(lines)
+    else:
+        doc.paragraph("No context model (MCIBI or ACF) in this study.")
+
+    doc.heading("Main results (MCIBI Table 5 layout)")
+    headers, rows = paper_table5(records)
+    doc.table(headers, rows, caption="mIoU (%) single-scale / multi-scale + flip; Δ against the framework's "
+                                     "baseline, in mIoU points")
     headers, rows = main_results_table(records)
-    doc.table(headers, rows)
-    figures = paths.reports / "figures"
-    doc.image(per_class_figure(records, figures / "per_class_iou.png"), "Per-class IoU, every model")
+    doc.table(headers, rows, caption="Every model (single scale unless marked ms+flip)")
+    scales = next((r["metrics"]["ms_flip"].get("scales") for r in records if "ms_flip" in r["metrics"]), None)
+    if scales:
+        doc.paragraph(f"Multi-scale + flip: scales {scales}, horizontal flip "
+                      f"{'on' if params.evaluate.flip else 'off'}; {params.evaluate.mode} inference.")
+
+    doc.heading("Ablations")
+    shown = False
+    if "fusion" in params.report.ablations:
+        for fw, heads, body in fusion_table(records):
+            doc.table(heads, body, caption=f"{fw}: fusion of R and C_bi (MCIBI Table 1)")
+            shown = True
+    if "memory" in params.report.ablations:
+        for fw, heads, body in memory_table(records):
+            doc.table(heads, body, caption=f"{fw}: memory initialisation / update / momentum / RCL (MCIBI Table 2)")
+            shown = True
+    if not shown:
+        doc.paragraph("No ablation runs in this study (" + (", ".join(params.report.ablations) or "none enabled")
+                      + "). Add MCIBI models that differ in `mcibi.fusion` (Table 1) or in `mcibi.init`, "
+                      "`mcibi.update`, `mcibi.momentum_power`, `mcibi.rcl` (Table 2) under `models:` to get them.")
+
+    add_sweep_section(doc, params, paths, figures)
+    if complexity:
+        add_complexity_section(doc, complexity)
+
+    doc.heading("Training and per-class results")
+    curves = training_curves(records, params, paths)
+    if curves:
+        doc.image(save_png(training_curves_figure(curves), figures / "training_curves.png"),
+                  "Training loss and validation mIoU (%) per model")
+    doc.image(save_png(per_class_iou_figure({r["name"]: r["metrics"]["per_class_iou"] for r in records},
+                                            "Per-class IoU (single scale): baseline vs context models"),
+                       figures / "per_class_iou.png"), "Per-class IoU (%), every model")
+    best = max((r for r in records if _finite(_miou(r))), key=_miou, default=None)
+    if best is not None:
+        confusion_file = paths.plots / best["name"] / "confusion.json"
+        if confusion_file.is_file():
+            cm = common.read_json(confusion_file, "", "")
+            doc.image(save_png(confusion_figure(np.asarray(cm["matrix"]), cm["classes"],
+                                                f"{best['name']}: confusion (row-normalised)"),
+                               figures / "confusion.png"),
+                      f"Confusion matrix of the best model, {best['name']} (rows: ground truth, % of the class)")
+
+    if params.report.qualitative_images:
+        doc.heading("Qualitative results (MCIBI Fig 4 layout)")
+        fw, images, gts, preds, ids = qualitative_inputs(records, params, paths, meta)
+        if images:
+            doc.image(save_png(qualitative_grid_figure(images, gts, preds, meta["palette"], ids),
+                               figures / "qualitative.png"),
+                      f"{params.evaluate.split} images, ground truth and single-scale predictions ({fw}); "
+                      "black = ignore")
+        else:
+            doc.paragraph("No prediction images to show (set `evaluate.num_visualisations` > 0).")
+
+    if params.report.feature_space:
+        doc.heading("Feature space (MCIBI Fig 3)")
+        panels = feature_panels(records, paths)
+        if panels:
+            doc.image(save_png(feature_space_figure(panels, meta["class_names"], meta["palette"]),
+                               figures / "feature_space.png"),
+                      "PCA of per-image class-mean features at the classifier input; stars = MCIBI memory entries")
+            doc.paragraph("Each dot is one class in one image. With MCIBI, features of a class should gather "
+                          "around its dataset-level memory entry.")
+        else:
+            doc.paragraph("Needs a baseline and an MCIBI model of the same framework with "
+                          "`evaluate.feature_images` > 0.")
+
     doc.heading("MLflow runs")
-    doc.table(["model", "MLflow run id", "epochs"],
-              [[r["name"], r["run"].get("run_id", "–"), str(r["run"].get("epochs", "–"))] for r in records])
-    doc.paragraph("Open the comparison UI on these runs with:")
-    doc.code(f"mlflow ui --backend-store-uri {common.mlflow_tracking_uri(params, paths.root)}")
+    doc.table(["model", "MLflow run id", "epochs", "final val mIoU (%)"],
+              [[r["name"], r["run_id"] or "–", str(r["run"].get("epochs", "–")),
+                pct((r["run"].get("history") or [{}])[-1].get("val_mIoU"))] for r in records])
+    uri = common.mlflow_tracking_uri(params, paths.root)
+    registry = register_best_model(params, paths, records)
+    if registry.get("status") in ("registered", "reused"):
+        doc.paragraph(f"Best model by mIoU: `{registry['model']}` ({pct(registry['mIoU'])}%), registered as "
+                      f"`{registry['registered_model']}` version {registry['version']} with alias `best` "
+                      f"(load it with `mlflow.pytorch.load_model(\"{registry['uri']}\")`).")
+    else:
+        doc.paragraph(f"Best model by mIoU: `{registry.get('model', '–')}`; not registered in the Model Registry: "
+                      f"{registry.get('reason', 'n/a')}.")
+    doc.paragraph("Open the MLflow UI on these runs (experiment "
+                  f"`{params.mlflow.experiment}`; runs are named `<dataset>/<framework>+<context>`):")
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    doc.code(ui + ("\n# or: make mlflow-ui" if uri.startswith("sqlite") else ""))
+    log.info("report built in %.1f s", time.perf_counter() - started)
     return doc
+
+
+def write_report(params: Params, paths: common.Paths) -> Path:
+    """Build and write ``reports/`` as a whole (atomically: a failure leaves the previous report)."""
+    with atomic_path(paths.reports) as tmp:
+        tmp.mkdir(parents=True)
+        doc = build_report(params, paths, out_dir=tmp)
+        (tmp / "report.md").write_text(doc.markdown(tmp), encoding="utf-8")
+        (tmp / "report.html").write_text(doc.html(), encoding="utf-8")
+    return paths.reports / "report.md"
 
 
 @common.stage
@@ -185,10 +878,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0]).parse_args(argv)
     params = common.load_stage_params(args.params)
     paths = common.Paths(params)
-    doc = build_report(params, paths)
-    write_text(paths.reports / "report.md", doc.markdown(paths.reports))
-    write_text(paths.reports / "report.html", doc.html())
-    log.info("report written to %s", paths.reports / "report.md")
+    out = write_report(params, paths)
+    log.info("report written to %s and %s", out, out.with_suffix(".html"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pipeline import common
 log = logging.getLogger("ctxseg.train")
 
 CHECKPOINT_FILE = "state.pt"
+NONFINITE_FILE = "nonfinite_loss.txt"  # left by rank 0 when the loss became NaN/inf
 FAULT_ENV = "CTXSEG_FAULT_AT_ITERATION"  # tests: make rank 0 raise once at this iteration
 
 
@@ -73,9 +74,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    payload = None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             payload = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    elif config.get("fallback_checkpoint"):
+        # The driver was stopped after a checkpoint was written but before Ray recorded it.
+        payload = torch.load(Path(config["fallback_checkpoint"]) / CHECKPOINT_FILE, map_location=device,
+                             weights_only=True)
+    if payload is not None:
         state = restore_from_payload(payload, model, optimizer)
         if scaler is not None and "scaler" in payload:
             scaler.load_state_dict(payload["scaler"])
@@ -96,6 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     started = time.perf_counter()
     start_iteration = state.iteration
+    nodes = _count_nodes(world)
 
     def on_log(record: dict) -> None:
         if tracker is None:
@@ -125,6 +133,10 @@ def train_loop_per_worker(config: dict) -> None:
             if state.epoch % params.train.val_every == 0 or state.epoch == epochs:
                 val = validate(model, val_loader, num_classes, device=device)
                 metrics.update({"val_mIoU": val["mIoU"], "val_pixAcc": val["pixAcc"], "val_mAcc": val["mAcc"]})
+            spread = memory_rank_spread(model)
+            if spread is not None:
+                metrics["memory_rank_spread"] = spread
+            metrics["num_nodes"] = nodes
             state.history.append(metrics)
             if tracker is not None:
                 log.info("[%s] epoch %d/%d done: %s", model_name, state.epoch, epochs,
@@ -139,12 +151,44 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 ray.train.report(metrics)
     except NonFiniteLossError as err:
-        # Not retryable: a restart would meet the same NaN. Surface the message and stop.
+        # Not retryable (a restart would meet the same NaN), so no worker raises: every rank saw the
+        # same non-finite flag and returns; rank 0 leaves the message for the driver, which raises a
+        # clear error. The last good checkpoint stays the latest one.
         log.error("[%s] %s", model_name, err)
-        raise
+        if rank == 0:
+            (Path(config["run_dir"]) / NONFINITE_FILE).write_text(str(err), encoding="utf-8")
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def memory_rank_spread(model: torch.nn.Module) -> Optional[float]:
+    """Largest difference of the MCIBI memory between ranks (0 when the exact DDP update works)."""
+    import torch.distributed as dist
+
+    buffers = [b for name, b in unwrap(model).named_buffers() if name.endswith("memory")]
+    if not buffers:
+        return None
+    memory = buffers[0].detach().float().clone()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0.0
+    high, low = memory.clone(), memory.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).abs().max())
+
+
+def _count_nodes(world: int) -> int:
+    """How many distinct Ray nodes the ranks run on."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _amp_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
@@ -304,6 +348,8 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
     write_json(run_file, {"model": model_name, "fingerprint": fp, "status": "running", "run_id": run_id,
                           "experiment_id": experiment_id, "ray_run": f"{storage}/{ray_name}"})
 
+    (model_dir / NONFINITE_FILE).unlink(missing_ok=True)
+    fallback = latest_checkpoint_on_disk(Path(storage) / ray_name) if resumable and "://" not in storage else None
     mode = common.init_ray(params)
     _warn_node_local_storage(params, storage)
     use_gpu = _resolve_use_gpu(params)
@@ -318,6 +364,7 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
             "run_dir": str(model_dir), "tracking_uri": tracking_uri, "run_id": run_id,
             "system_metrics": params.mlflow.system_metrics,
             "fault_at_iteration": int(fault) if fault else None,
+            "fallback_checkpoint": str(fallback) if fallback else None,
         },
         scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
@@ -331,12 +378,14 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
              params.scaling.num_workers, use_gpu, storage, ray_name)
     try:
         result = trainer.fit()
-    except Exception as err:
+    except BaseException:
         client.set_terminated(run_id, status="FAILED")
-        cause = _root_cause(err)
-        if isinstance(cause, NonFiniteLossError):
-            raise NonFiniteLossError(f"[{model_name}] {cause}") from None
         raise
+    nonfinite = model_dir / NONFINITE_FILE
+    if nonfinite.is_file():
+        client.set_terminated(run_id, status="FAILED")
+        kept = f" Last good checkpoint: {result.checkpoint.path}." if result.checkpoint else ""
+        raise NonFiniteLossError(f"[{model_name}] {nonfinite.read_text(encoding='utf-8')}{kept}")
     if result.checkpoint is None:
         client.set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"[{model_name}] training finished without a checkpoint")
@@ -361,20 +410,27 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
     return summary
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        nxt = getattr(err, "cause", None) or err.__cause__ or getattr(err, "error", None)
-        if not isinstance(nxt, BaseException):
-            break
-        err = nxt
-    return err
+def latest_checkpoint_on_disk(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder of a Ray run directory (by training epoch), if any.
+
+    Ray records checkpoints in its snapshot only after they are persisted; a driver stopped in between
+    leaves a complete checkpoint that Ray alone would not resume from.
+    """
+    best, best_epoch = None, -1
+    for candidate in sorted(run_dir.glob("checkpoint_*")):
+        try:
+            payload = torch.load(candidate / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        except Exception:  # a half-copied checkpoint: skip it
+            continue
+        epoch = int(payload["state"]["epoch"])
+        if epoch > best_epoch:
+            best, best_epoch = candidate, epoch
+    return best
 
 
 def _clear_run_dir(storage: str, model_dir: Path) -> None:
     """Start afresh: remove old checkpoints (the config changed or the previous run had finished)."""
-    for stale in ("model.pt", ".fault_injected"):
+    for stale in ("model.pt", ".fault_injected", NONFINITE_FILE):
         (model_dir / stale).unlink(missing_ok=True)
     if "://" in storage:
         import pyarrow.fs

@@ -73,7 +73,7 @@ def _folder(root: Path, files: Dict[str, bytes]) -> Path:
 
 
 def _mat(**arrays) -> bytes:
-    from scipy.io import savemat
+    savemat = pytest.importorskip("scipy.io").savemat
 
     buf = io.BytesIO()
     savemat(buf, arrays)
@@ -347,6 +347,19 @@ def test_lip_folder_source(tmp_path):
     assert _row(label("val", "100034_483682"), 4) == [0, 2, 13, 19]
     assert json.loads((tmp_path / "raw" / "lip" / "source.json").read_text())["path"] == str(src.resolve())
     assert not (tmp_path / "raw" / "lip" / "extracted").exists()  # linked, not copied
+
+
+def test_lip_release_zips(tmp_path):
+    staged = _lip_folder(tmp_path / "staged") / "LIP"
+    src = tmp_path / "downloads"
+    src.mkdir()
+    for top in ("TrainVal_images", "TrainVal_parsing_annotations"):
+        _zip(src / f"{top}.zip", {str(p.relative_to(staged)): p.read_bytes()
+                                  for p in sorted((staged / top).rglob("*")) if p.is_file()})
+    meta, label, _ = _run(tmp_path, DataConfig(name="lip", source=str(src)))
+    assert meta["splits"] == {"train": 2, "val": 1}
+    assert _row(label("train", "77_471474"), 4) == [0, 2, 13, 19]
+    assert (tmp_path / "raw" / "lip" / "extracted" / "TrainVal_images" / "TrainVal_images" / "train_images").is_dir()
 
 
 def test_lip_out_of_range_label_names_the_file(tmp_path):

@@ -71,7 +71,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def data_server():
     handler = type("H", (_Handler,), {"files": {}, "log": [], "drop_after": {}, "ignore_range": False})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     th.start()
     yield handler, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
@@ -175,6 +175,11 @@ def test_download_dataset_from_local_mirror_then_prepare(data_server, tmp_path):
     raw = download_dataset(cfg, tmp_path / "raw" / "camvid")
     assert (tmp_path / "dl" / "camvid.tgz").read_bytes() == tgz
     assert json.loads((raw / "download.json").read_text())["pairs_found"] == 3
+    # a second run finds the verified archive and the extracted data: no new request, same output
+    n_requests = len(handler.log)
+    mtime = (raw / "download.json").stat().st_mtime_ns
+    download_dataset(cfg, raw)
+    assert len(handler.log) == n_requests and (raw / "download.json").stat().st_mtime_ns == mtime
     meta = prepare_dataset(cfg, raw, tmp_path / "prep")
     assert meta["splits"] == {"train": 2, "val": 1} and meta["num_classes"] == 11
     lbl = np.asarray(Image.open(tmp_path / "prep" / "labels" / "val" / "0016E5_00001.png"))
@@ -195,7 +200,7 @@ def test_recorded_sha256_verified_afterwards(data_server, tmp_path):
     cfg = DataConfig(name="coco_stuff10k", mirror=base, download_dir=str(tmp_path / "dl"), download_retries=0)
     # no published checksum: first download records a sha256 (the fabricated file is no zip, so the
     # layout check fails afterwards, but the record stays)
-    with pytest.raises(Exception):
+    with pytest.raises(DownloadError, match="not a readable zip or tar"):
         download_dataset(cfg, tmp_path / "raw")
     book = json.loads((tmp_path / "dl" / "checksums.json").read_text())
     assert book == {"cocostuff-10k-v1.1.zip": f"sha256:{hashlib.sha256(data).hexdigest()}"}

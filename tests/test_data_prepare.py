@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 import ctxseg.data.prepare as prep
-from ctxseg.data import DataConfig, DataValidationError, SyntheticConfig, download_dataset, prepare_dataset
+from ctxseg.data import (
+    DataConfig,
+    DataValidationError,
+    SyntheticConfig,
+    download_dataset,
+    example_grid,
+    prepare_dataset,
+)
 
 
 @pytest.fixture
@@ -131,3 +138,16 @@ def test_process_pool_matches_serial(data_raw, tmp_path, monkeypatch):
     assert prep._effective_workers(2, 11) == min(2, __import__("os").cpu_count() or 1)
     prepare_dataset(cfg.model_copy(update={"preprocess_workers": 2}), raw, pooled)
     assert _tree(serial) == _tree(pooled)
+
+
+def test_example_grid(data_raw, tmp_path):
+    cfg, raw = data_raw
+    out = tmp_path / "prepared"
+    meta = prepare_dataset(cfg, raw, out)
+    grid = example_grid(out, "val", n=3, columns=2, gap=2)
+    # two rows x two cells of (128 image + 2 gap + 128 label + 2 pad)
+    assert grid.shape == (2 * 130, 2 * 260, 3) and grid.dtype == np.uint8
+    first_label = np.asarray(Image.open(out / "labels" / "val" / "val_00000.png"))
+    v = int(first_label[64, 64])
+    expected = (0, 0, 0) if v == 255 else tuple(meta["palette"][v])
+    assert tuple(grid[64, 130 + 64]) == expected

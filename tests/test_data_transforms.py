@@ -123,25 +123,60 @@ def test_eval_transform_short_side_and_keep():
     assert y_full.shape == (64, 80)
 
 
-def test_dataset_seeding_independent_of_workers(tmp_path):
+@pytest.fixture
+def data_prepared(tmp_path):
     cfg = DataConfig(synthetic=SyntheticConfig(num_train=8, num_val=2), augment=AugmentConfig(crop_size=(64, 64)))
     download_dataset(cfg, tmp_path / "raw")
     prepare_dataset(cfg, tmp_path / "raw", tmp_path / "prep")
-    ds = SegmentationDataset(tmp_path / "prep", "train", build_train_transform(cfg), seed=5)
+    return cfg, tmp_path / "prep"
+
+
+def _epoch(ds, workers, persistent=False, loader=None):
+    dl = loader or DataLoader(ds, batch_size=4, shuffle=False, num_workers=workers,
+                              persistent_workers=persistent and workers > 0,
+                              generator=torch.Generator().manual_seed(0))
+    return [b for b in dl], dl
+
+
+def _same(a, b):
+    return all(torch.equal(x0, x1) and torch.equal(y0, y1) for (x0, y0), (x1, y1) in zip(a, b))
+
+
+def test_set_epoch_seeding_independent_of_workers(data_prepared):
+    cfg, root = data_prepared
+    ds = SegmentationDataset(root, "train", build_train_transform(cfg), seed=5)
     assert len(ds) == 8 and ds.meta["num_classes"] == 13 and ds.ids[0] == "train_00000"
-
-    def batches(workers):
-        dl = DataLoader(ds, batch_size=4, shuffle=False, num_workers=workers)
-        return [b for b in dl]
-
-    b0 = batches(0)
-    b2 = batches(2)
-    for (x0, y0), (x2, y2) in zip(b0, b2):
-        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    ds.set_epoch(0)
+    e0, _ = _epoch(ds, 0)
+    e0_w, _ = _epoch(ds, 2)
+    assert _same(e0, e0_w)
+    # persistent workers: set_epoch in the main process reaches them through shared memory
+    p0, loader = _epoch(ds, 2, persistent=True)
+    assert _same(e0, p0)
     ds.set_epoch(1)
-    b_next = batches(0)
-    assert not torch.equal(b0[0][0], b_next[0][0])  # new epoch, new augmentation
+    p1, _ = _epoch(ds, 2, loader=loader)
+    e1, _ = _epoch(ds, 0)
+    assert _same(e1, p1) and not _same(e0, e1)
+
+
+@pytest.mark.parametrize("workers,persistent", [(0, False), (2, True)])
+def test_epochs_differ_without_set_epoch(data_prepared, workers, persistent):
+    cfg, root = data_prepared
+    ds = SegmentationDataset(root, "train", build_train_transform(cfg), seed=5)
+    assert ds.epoch is None
+    a, loader = _epoch(ds, workers, persistent)
+    b, _ = _epoch(ds, workers, persistent, loader=loader)
+    assert not _same(a, b)  # fresh augmentation every epoch
+    ds2 = SegmentationDataset(root, "train", build_train_transform(cfg), seed=5)
+    a2, _ = _epoch(ds2, workers, persistent)
+    assert _same(a, a2)  # reproducible for a fixed loader seed and worker count
+
+
+def test_dataset_errors(data_prepared):
+    _, root = data_prepared
     with pytest.raises(FileNotFoundError, match="split 'test' does not exist"):
-        SegmentationDataset(tmp_path / "prep", "test")
+        SegmentationDataset(root, "test")
     with pytest.raises(FileNotFoundError, match="preprocess"):
-        SegmentationDataset(tmp_path / "nowhere", "train")
+        SegmentationDataset(root.parent / "nowhere", "train")
+    x, y = SegmentationDataset(root, "val")[0]  # default transform: normalise only
+    assert x.shape == (3, 128, 128) and y.dtype == torch.int64

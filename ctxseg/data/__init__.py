@@ -27,6 +27,7 @@ __all__ = [
     "DownloadError",
     "ChecksumError",
     "UnsafeArchiveError",
+    "example_grid",
 ]
 
 _LAZY = {
@@ -39,6 +40,7 @@ _LAZY = {
     "SegmentationDataset": "ctxseg.data.dataset",
     "build_train_transform": "ctxseg.data.transforms",
     "build_eval_transform": "ctxseg.data.transforms",
+    "example_grid": "ctxseg.data.visualize",
 }
 
 

@@ -61,6 +61,8 @@ class SyntheticConfig(_Strict):
         0.35, ge=0.0, le=1.0, description="strength of the per-image colour / illumination shift (0 = none)"
     )
     noise_std: float = Field(6.0, ge=0.0, le=64.0, description="per-pixel Gaussian noise (0-255 scale)")
+    cue_instances: Tuple[int, int] = Field(
+        (2, 3), description="range of the number of cue objects per image (side by side in the cue zone)")
     max_distractors: int = Field(2, ge=0, le=16, description="context-free thing objects per image (0..max)")
     ignore_width: int = Field(1, ge=0, le=8, description="width (px) of the ignore=255 ring around things")
     void_prob: float = Field(
@@ -73,6 +75,13 @@ class SyntheticConfig(_Strict):
         lo, hi = v
         if not (0.05 <= lo <= hi <= 0.6):
             raise ValueError(f"ambiguous_fraction must satisfy 0.05 <= lo <= hi <= 0.6, got {v}")
+        return v
+
+    @field_validator("cue_instances")
+    @classmethod
+    def _cues(cls, v: Tuple[int, int]) -> Tuple[int, int]:
+        if not (1 <= v[0] <= v[1] <= 8):
+            raise ValueError(f"cue_instances must satisfy 1 <= low <= high <= 8, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -98,7 +107,8 @@ class AugmentConfig(_Strict):
     base_size: Optional[int] = Field(
         None, ge=8, description="short side the ratio is applied to; None = the image's own short side"
     )
-    crop_size: Tuple[int, int] = Field((128, 128), description="random crop (height, width); padded with ignore")
+    crop_size: Tuple[int, int] = Field(
+        (128, 128), description="random crop (height, width) or one int for a square; padded with ignore")
     cat_max_ratio: float = Field(
         0.75, gt=0.0, le=1.0, description="reject crops where one class covers more than this fraction (1 = off)"
     )
@@ -119,6 +129,11 @@ class AugmentConfig(_Strict):
         if not (0 < v[0] <= v[1]):
             raise ValueError(f"range must satisfy 0 < low <= high, got {v}")
         return v
+
+    @field_validator("crop_size", mode="before")
+    @classmethod
+    def _crop_int(cls, v):
+        return (v, v) if isinstance(v, int) else v
 
     @field_validator("crop_size")
     @classmethod

@@ -37,7 +37,8 @@ class SegmentationDataset(Dataset):
 
     ``transform(image_uint8_HWC, label_uint8_HW, rng)`` defaults to normalisation with the ImageNet
     statistics and conversion to tensors. ``seed`` and :meth:`set_epoch` make augmentation
-    reproducible: sample ``i`` of epoch ``e`` uses ``numpy.random.default_rng([seed, e, i])``.
+    reproducible: sample ``i`` of epoch ``e`` uses ``numpy.random.default_rng([seed, e, i])``
+    (see :meth:`rng` for what happens when ``set_epoch`` is never called).
     """
 
     def __init__(self, root: Path | str, split: str, transform: Optional[Callable] = None, seed: int = 0):
@@ -58,14 +59,25 @@ class SegmentationDataset(Dataset):
         self.transform = transform if transform is not None else Compose(
             [Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensor()])
         self.seed = int(seed)
-        self.epoch = 0
+        # shared memory, so set_epoch() reaches persistent DataLoader workers too; -1 = never set
+        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        self._draws: dict = {}
         self.num_classes = int(self.meta["num_classes"])
         self.ignore_index = int(self.meta.get("ignore_index", 255))
         self.class_names = list(self.meta["class_names"])
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh augmentations for a new epoch (call before building the epoch's iterator)."""
-        self.epoch = int(epoch)
+        """Seed augmentation by epoch: sample ``i`` then uses ``default_rng([seed, epoch, i])``,
+        identical for any number of DataLoader workers (persistent or not) and any rank layout.
+        Call it before iterating each epoch (like ``DistributedSampler.set_epoch``)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> Optional[int]:
+        e = int(self._epoch[0])
+        return None if e < 0 else e
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,7 +93,21 @@ class SegmentationDataset(Dataset):
         return read_image(self.image_path(index)), read_label(self.label_path(index))
 
     def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+        """The generator for one fetch of sample ``index``.
+
+        After :meth:`set_epoch`: ``default_rng([seed, epoch, index])``. Without it (automatic mode),
+        every fetch still gets fresh randomness, reproducible for a fixed DataLoader seed and worker
+        count: the key adds the DataLoader worker's seed (new per epoch unless workers persist) and
+        how often this process has fetched the sample.
+        """
+        e = int(self._epoch[0])
+        if e >= 0:
+            return np.random.default_rng([self.seed, e, int(index)])
+        info = torch.utils.data.get_worker_info()
+        stream = int(info.seed) % (2**63) if info is not None else 0
+        n = self._draws.get(index, 0)
+        self._draws[index] = n + 1
+        return np.random.default_rng([self.seed, 2**32 + int(index), stream, n])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image, label = self.load(index)

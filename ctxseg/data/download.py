@@ -419,12 +419,26 @@ def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:
 
     # verify every archive we are about to use (downloads were verified while fetching)
     known = {r.filename: r for r in spec.resources}
+    verified: Dict[str, Optional[str]] = {}
     for a in archives:
-        if not cfg.verify_checksums or a in fresh:
-            continue
         res = known.get(a.name)
         expected = cfg.checksums.get(a.name) or (res.checksum if res else None)
-        verify_file(a, expected, book, "")
+        if not cfg.verify_checksums:
+            verified[a.name] = None
+        elif a in fresh:
+            verified[a.name] = expected or book.get(a.name)
+        else:
+            verified[a.name] = verify_file(a, expected, book, "")
+    stamp = {"dataset": cfg.name, "archives": verified, "linked_source": str(link) if link else None}
+    done = raw_dir / "download.json"
+    if done.is_file():
+        try:
+            old = json.loads(done.read_text())
+            if {k: old.get(k) for k in stamp} == stamp and cfg.verify_checksums:
+                log.info("%s raw data in %s is up to date (same verified archives); nothing to do", cfg.name, raw_dir)
+                return raw_dir
+        except ValueError:
+            pass
 
     with atomic_path(raw_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -437,15 +451,10 @@ def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:
             samples, _, _ = sources.list_samples(cfg, root)
         except sources.LayoutError as e:
             raise DownloadError(f"{e}\n" + _what_to_get(spec, raw_dir, dl_dir)) from e
-        write_json(tmp / "download.json", {
-            "dataset": cfg.name,
-            "archives": [a.name for a in archives],
-            "linked_source": str(link) if link else None,
-            "pairs_found": len(samples),
-        })
-        if not cfg.keep_archives:
-            for a in archives:
-                if a.parent == dl_dir:
-                    a.unlink(missing_ok=True)
+        write_json(tmp / "download.json", {**stamp, "pairs_found": len(samples)})
+    if not cfg.keep_archives:  # only our own downloads, never the user's `source` files
+        for a in archives:
+            if a.parent == dl_dir:
+                a.unlink(missing_ok=True)
     log.info("%s raw data ready in %s (%d pairs found)", cfg.name, raw_dir, len(samples))
     return raw_dir

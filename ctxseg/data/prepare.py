@@ -21,12 +21,13 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -251,7 +252,10 @@ def convert_samples(
                     results.append(convert_one(j))
                     bar.update(1)
             else:
-                ctx = mp.get_context("spawn")
+                # fork on Linux (fast, works from notebooks and stdin scripts; the workers only run
+                # numpy/PIL code); spawn elsewhere
+                method = "fork" if sys.platform.startswith("linux") else "spawn"
+                ctx = mp.get_context(method)
                 with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as ex:
                     try:
                         for r in ex.map(convert_one, jobs, chunksize=32):

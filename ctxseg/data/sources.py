@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -42,12 +42,11 @@ from ctxseg.data.info import (
     COCO_UNUSED_IDS,
     IGNORE_INDEX,
     PASCAL_CONTEXT_459_IDS,
-    VOC_CLASSES,
     DatasetInfo,
     get_dataset_info,
     voc_colormap,
 )
-from ctxseg.data.prepare import DataValidationError, LabelDecoder, LutDecoder, Sample, read_png_label
+from ctxseg.data.prepare import DataValidationError, LabelDecoder, LutDecoder, Sample
 
 log = logging.getLogger(__name__)
 

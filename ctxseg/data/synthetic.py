@@ -96,19 +96,20 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator
         base = np.array([35.0, 85.0, 45.0])
         blot = np.sin(xx / 5.0 + ph[0]) * np.sin(yy / 7.0 + ph[1]) + 0.5 * np.sin((xx + yy) / 3.0 + ph[2])
         return base + 22.0 * blot[..., None] + 5.0 * noise
-    if kind == "ship":  # brown planks
-        base = np.array([150.0, 75.0, 35.0])
-        return base + 20.0 * (np.floor(yy / 3.0) % 2)[..., None] + 5.0 * noise
+    # things: saturated, well-separated hues and distinct patterns, so they are learnt quickly
+    if kind == "ship":  # red hull with dark planks
+        return np.array([225.0, 35.0, 35.0]) - 50.0 * (np.floor(yy / 3.0) % 2)[..., None] + 5.0 * noise
     if kind == "swan":  # white, smooth
-        return np.array([240.0, 240.0, 235.0]) + 4.0 * noise
-    if kind == "camel":  # tan, noisy
-        return np.array([185.0, 130.0, 75.0]) + 12.0 * noise
-    if kind == "parasol":  # red / white diagonal stripes
+        return np.array([245.0, 245.0, 240.0]) + 4.0 * noise
+    if kind == "camel":  # purple, dotted
+        dots = ((np.sin(xx * 1.3 + ph[0]) * np.sin(yy * 1.3 + ph[1])) > 0.6)[..., None]
+        return np.array([150.0, 50.0, 200.0]) - 60.0 * dots + 5.0 * noise
+    if kind == "parasol":  # yellow / black diagonal stripes
         stripe = (np.floor((xx + yy) / 4.0) % 2)[..., None]
-        return np.array([220.0, 40.0, 40.0]) * (1 - stripe) + np.array([250.0, 250.0, 250.0]) * stripe + 4.0 * noise
-    if kind == "person":  # skin-pink over blue
-        return np.array([225.0, 165.0, 140.0]) + 5.0 * noise
-    if kind == "ball":  # orange with a dark seam
+        return np.array([250.0, 225.0, 0.0]) * (1 - stripe) + np.array([25.0, 25.0, 25.0]) * stripe + 4.0 * noise
+    if kind == "person":  # cyan
+        return np.array([30.0, 215.0, 215.0]) + 5.0 * noise
+    if kind == "ball":  # orange
         return np.array([250.0, 140.0, 10.0]) + 5.0 * noise
     if kind == "void":  # random clutter
         return rng.uniform(0, 255, size=(h, w, 3))
@@ -238,7 +239,7 @@ def generate_scene(cfg: SyntheticConfig, split: str, index: int) -> Tuple[np.nda
     band = yy < edge[None, :]
     label[band] = amb
 
-    things: List[Tuple[int, np.ndarray]] = []  # (class or -1 for void, full-size mask)
+    things: List[Tuple[int, np.ndarray]] = []  # (class id, or 255 for the void blob; full-size mask)
 
     def add_thing(kind: str, cls: int, zone: Tuple[int, int], size_range: Tuple[float, float]) -> np.ndarray:
         max_h = zone[1] - zone[0]
@@ -251,16 +252,28 @@ def generate_scene(cfg: SyntheticConfig, split: str, index: int) -> Tuple[np.nda
         things.append((cls, m))
         return m
 
-    # --- void blob and distractors anywhere outside the ambiguous band (context-free)
+    # --- void blob and distractors in the gap between band and cue zone (context-free)
+    gap = (a, a + d)
     if rng.random() < cfg.void_prob:
-        add_thing("void", IGNORE, (a, S), (0.08, 0.15))
+        add_thing("void", IGNORE, gap, (0.08, 0.15))
     for _ in range(int(rng.integers(0, cfg.max_distractors + 1))):
         dcls = int(rng.choice(DISTRACTORS))
-        add_thing(SYNTHETIC_CLASSES[dcls], dcls, (a, S), (0.12, 0.22))
+        add_thing(SYNTHETIC_CLASSES[dcls], dcls, gap, (0.12, 0.22))
 
-    # --- the cue: rows >= a + d, so Chebyshev distance to the band is >= d
-    cue_zone = (a + d, S)
-    add_thing(SYNTHETIC_CLASSES[cue], cue, cue_zone, (0.15, 0.3))
+    # --- the cue: rows >= a + d, so Chebyshev distance to the band is >= d; several instances side by
+    # side, each in its own slot of the width, filling most of the cue zone's depth
+    zone_h = S - (a + d)
+    n_cue = int(rng.integers(cfg.cue_instances[0], cfg.cue_instances[1] + 1))
+    slot = S // n_cue
+    for j in range(n_cue):
+        h = int(round(rng.uniform(0.75, 1.0) * zone_h))
+        w = int(round(min(slot, rng.uniform(0.9, 1.5) * h)))
+        h, w = max(h, 6), max(min(w, slot), 6)
+        r0 = int(rng.integers(a + d, S - h + 1))
+        c0 = j * slot + int(rng.integers(0, slot - w + 1))
+        m = np.zeros((S, S), dtype=bool)
+        m[r0:r0 + h, c0:c0 + w] = _shape_mask(SYNTHETIC_CLASSES[cue], h, w)
+        things.append((cue, m))
 
     # --- paint labels (later things occlude earlier ones) and the ignore rings
     for cls, m in things:

@@ -8,14 +8,20 @@ nearest-neighbour interpolation. The final :class:`ToTensor` returns
 
 Seeding and DataLoader workers
 ------------------------------
-The transforms never touch a global RNG. :class:`ctxseg.data.SegmentationDataset` builds the
-generator of sample ``i`` as ``numpy.random.default_rng([seed, epoch, i])``, so the augmentation of
-a sample depends only on ``(seed, epoch, index)``: identical for any ``num_workers``, any worker
-assignment and any DDP rank layout. Call ``dataset.set_epoch(epoch)`` before each epoch (as with
-``DistributedSampler.set_epoch``) to get fresh augmentations; with ``persistent_workers=True`` the
-workers hold their own copy of the dataset, so pass a fresh DataLoader per epoch instead or keep
-``persistent_workers=False`` (the default). :func:`seed_worker` additionally seeds Python's and
-NumPy's global RNGs of each worker from ``torch.initial_seed()`` for third-party code.
+The transforms never touch a global RNG. :class:`ctxseg.data.SegmentationDataset` hands each fetch
+its own generator:
+
+* after ``dataset.set_epoch(epoch)`` (call it before iterating each epoch, like
+  ``DistributedSampler.set_epoch``) sample ``i`` uses ``numpy.random.default_rng([seed, epoch, i])``:
+  the augmentation depends only on ``(seed, epoch, index)``, identical for any ``num_workers``,
+  persistent or not (the epoch lives in shared memory, so persistent workers see the update), any
+  worker assignment and any DDP rank layout;
+* if ``set_epoch`` is never called, every fetch still gets fresh randomness (so epochs differ),
+  reproducible for a fixed DataLoader ``generator`` seed and worker count: the key adds the
+  worker's torch seed and a per-process fetch counter.
+
+:func:`seed_worker` additionally seeds Python's and NumPy's global RNGs of each worker from
+``torch.initial_seed()`` for third-party code.
 """
 from __future__ import annotations
 
@@ -173,7 +179,7 @@ class PhotometricDistortion:
     def __call__(self, image, label, rng):
         img = image.astype(np.float32)
         if rng.random() < 0.5:
-            img = img + rng.uniform(-self.brightness_delta, self.brightness_delta)
+            img = np.clip(img + rng.uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
         contrast_first = rng.random() < 0.5
 
         def contrast(x):

@@ -58,7 +58,7 @@ class BackboneConfig(BaseModel):
 
 
 class MCIBIConfig(BaseModel):
-    """MCIBI (Jin et al., ICCV 2021) knobs: memory (Eq 5-10), DCA (Eq 11-14), fusion (Eq 4), loss (Eq 16-19)."""
+    """MCIBI (Jin et al., ICCV 2021) knobs: memory (Eq 6-10), DCA (Eq 11-14), fusion (Eq 4), loss (Eq 16-19)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -131,6 +131,11 @@ class ModelConfig(BaseModel):
     ppm_bins: List[int] = Field(default_factory=lambda: [1, 2, 3, 6], description="PSPNet bins")
     aspp_rates: List[int] = Field(default_factory=lambda: [12, 24, 36], description="ASPP atrous rates at OS 8")
     ocr_key_channels: int = Field(default=32, ge=1)
+    fusion_kernel: Literal[1, 3] = Field(
+        default=3,
+        description="kernel of the concat-fusion conv (MCIBI Eq 4 concat, CFNet concat); 1 keeps the "
+        "local receptive field of +MCIBI/+ACF equal to the base framework's",
+    )
     mcibi: MCIBIConfig = Field(default_factory=MCIBIConfig)
     acf: ACFConfig = Field(default_factory=ACFConfig)
 

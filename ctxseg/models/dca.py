@@ -74,10 +74,10 @@ class Fusion(nn.Module):
     * ``add``: sum of the inputs;
     * ``weighted_add``: per-pixel weights predicted by a 1x1 conv on the concatenation, softmax
       over the inputs (a convex combination);
-    * ``concat`` (default): 3x3 ConvBNReLU on the concatenation.
+    * ``concat`` (default): ConvBNReLU (3x3 by default, ``kernel``) on the concatenation.
     """
 
-    def __init__(self, mode: str, num_inputs: int, channels: int) -> None:
+    def __init__(self, mode: str, num_inputs: int, channels: int, kernel: int = 3) -> None:
         super().__init__()
         if mode not in ("add", "weighted_add", "concat"):
             raise ValueError(f"mcibi.fusion must be add, weighted_add or concat; got {mode!r}")
@@ -85,7 +85,7 @@ class Fusion(nn.Module):
         if mode == "weighted_add":
             self.weight = nn.Conv2d(num_inputs * channels, num_inputs, 1)
         elif mode == "concat":
-            self.conv = ConvBNReLU(num_inputs * channels, channels, 3)
+            self.conv = ConvBNReLU(num_inputs * channels, channels, kernel)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(inputs) != self.num_inputs:

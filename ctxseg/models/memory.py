@@ -1,4 +1,4 @@
-"""MCIBI dataset-level feature memory M (Jin et al., ICCV 2021, §3.2, Eq 5-10).
+"""MCIBI dataset-level feature memory M (Jin et al., ICCV 2021, §3.2, Eq 6-10).
 
 M is a K x C registered buffer (K classes, C channels): it takes no gradient, is updated in place
 inside the training forward, and is saved in checkpoints (``state_dict`` key ``...memory``).
@@ -13,8 +13,9 @@ Update of one training step (all under ``torch.no_grad``):
 * Eq 6: M_k <- (1 - m) M_k + m T(R)_k for every class k present in the batch.
 * Eq 7: m = (1 - t/T)^p * m0, driven by ``progress`` = t/T, independent of the learning rate.
 
-Everything is vectorised over classes with ``index_add_`` / ``scatter_reduce_``: per step we
-accumulate, per class, sum_i (1-cos_i) r_i, sum_i (1-cos_i), sum_i r_i and the pixel count.
+Everything is vectorised over classes (no Python loop over class ids): per chunk, the per-class
+sums sum_i (1-cos_i) r_i, sum_i (1-cos_i), sum_i r_i and the pixel counts are GEMMs of the
+[K, n] one-hot (or cosine-weighted one-hot) class matrix with the [n, C] pixel matrix.
 
 Exact distributed update: under ``torch.distributed`` those per-class sums are all-reduced
 *before* Eq 9-10 are finished, so N ranks compute exactly the update a single process would
@@ -25,8 +26,10 @@ Initialisation (§3.2): a class row is initialised the first time the class appe
 ``random`` = one random pixel representation of that class (the paper; under DDP one pixel drawn
 from the union of all ranks: the per-class candidate with the largest random score wins),
 ``mean`` = the class mean, ``clustering`` = k-means (k=3, a few Lloyd steps whose sums are
-all-reduced) over the class's pixels, keeping the centroid of the largest cluster.
-A class initialised in a step is not also momentum-updated in that step.
+all-reduced) over the class's pixels, keeping the centroid of the largest cluster. (The
+authors' code clusters per-image class means of a pretrained backbone over the whole training
+set offline; ours is the online, single-batch analogue so that no extra pass over the data is
+needed.) A class initialised in a step is not also momentum-updated in that step.
 """
 
 from __future__ import annotations
@@ -102,26 +105,38 @@ class FeatureMemory(nn.Module):
 
     # ------------------------------------------------------------------ Eq 8: pixels at label size
     def _pixels(self, features: torch.Tensor, labels: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (r [n, C], class id [n]) for the valid label-size pixels, in row chunks."""
+        """Yield (r^T [C, n], class id [n]) for label-size pixels in chunks of about
+        ``chunk_pixels`` pixels (whole images grouped, or row bands of one large image).
+        Invalid pixels (ignore index or out of range) have class id -1; chunks without a valid
+        pixel are skipped."""
         b, c, h, w = features.shape
         H, W = labels.shape[-2:]
         feats = features.detach().to(self.memory.dtype)
         ah = interp_matrix(H, h, feats.device, feats.dtype) if H != h else None
         aw_t = interp_matrix(W, w, feats.device, feats.dtype).t().contiguous() if W != w else None
-        rows = max(1, self.chunk_pixels // max(W, 1))
-        for i in range(b):
-            x = feats[i]
+        if H * W <= self.chunk_pixels:
+            group, rows = max(1, self.chunk_pixels // (H * W)), H
+        else:
+            group, rows = 1, max(1, self.chunk_pixels // max(W, 1))
+        for i in range(0, b, group):
+            x = feats[i : i + group]  # [g, C, h, w]
             for r0 in range(0, H, rows):
                 r1 = min(H, r0 + rows)
-                lab = labels[i, r0:r1].reshape(-1).long()
+                lab = labels[i : i + group, r0:r1].reshape(-1).long()
                 valid = (lab >= 0) & (lab < self.num_classes)
                 if not bool(valid.any()):
                     continue
-                part = x[:, r0:r1] if ah is None else torch.einsum("rh,chw->crw", ah[r0:r1], x)
+                part = x[:, :, r0:r1] if ah is None else torch.einsum("rh,gchw->gcrw", ah[r0:r1], x)
                 if aw_t is not None:
-                    part = part @ aw_t  # [C, r, W]
-                pix = part.reshape(c, -1).t()
-                yield pix[valid], lab[valid]
+                    part = part @ aw_t  # [g, C, r, W]
+                pix_t = part.transpose(0, 1).reshape(c, -1)  # [C, n], pixel order (image, row, col)
+                yield pix_t, torch.where(valid, lab, torch.full_like(lab, -1))
+
+    def _valid_pixels(self, features: torch.Tensor, labels: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """(r [n, C], class id [n]) of the valid pixels only."""
+        for pix_t, lab in self._pixels(features, labels):
+            keep = lab >= 0
+            yield pix_t.t()[keep], lab[keep]
 
     # ------------------------------------------------------------------ Eq 6-10
     @torch.no_grad()
@@ -146,26 +161,35 @@ class FeatureMemory(nn.Module):
         best = torch.full((k,), -1.0, device=dev)  # random-init candidate score per class
         cand = torch.zeros(k, c, device=dev)
         need_random = self.init == "random" and not bool(self.initialized.all())
-        for pix, lab in self._pixels(features, labels):
-            count.index_add_(0, lab, torch.ones_like(lab, dtype=count.dtype))
-            total.index_add_(0, lab, pix)
+        classes = torch.arange(k, device=dev)
+        mem_norm = old.norm(dim=1).clamp_min(_EPS)  # |M_k|
+        for pix_t, lab in self._pixels(features, labels):
+            # per-class sums as GEMMs with the [K, n] one-hot class matrix (zero for invalid pixels)
+            onehot = (classes[:, None] == lab[None, :]).to(pix_t.dtype)
+            count += onehot.sum(1)
+            total += onehot @ pix_t.t()
             if self.strategy == "cosine":
-                m = old.index_select(0, lab)
-                cos = (pix * m).sum(1) / (pix.norm(dim=1).clamp_min(_EPS) * m.norm(dim=1).clamp_min(_EPS))
-                wgt = 1.0 - cos  # Eq 9 (unnormalised)
-                wsum.index_add_(0, lab, pix * wgt[:, None])
-                wtot.index_add_(0, lab, wgt)
+                pix_norm = (pix_t * pix_t).sum(0).sqrt().clamp_min(_EPS)  # |r_i|
+                cos = (old @ pix_t) / (mem_norm[:, None] * pix_norm[None, :])  # [K, n]: cos(r_i, M_k)
+                wmat = onehot * (1.0 - cos)  # Eq 9 (unnormalised), on each pixel's own class only
+                wtot += wmat.sum(1)
+                wsum += wmat @ pix_t.t()  # Eq 10 numerator
             if need_random:
-                score = torch.rand(lab.shape[0], device=dev)
-                chunk_best = torch.full((k,), -1.0, device=dev).scatter_reduce_(0, lab, score, "amax")
+                keep = lab >= 0
+                vpix, vlab = pix_t.t()[keep], lab[keep]
+                score = torch.rand(vlab.shape[0], device=dev)
+                chunk_best = torch.full((k,), -1.0, device=dev).scatter_reduce_(0, vlab, score, "amax")
                 improved = chunk_best > best
-                winner = (score == chunk_best[lab]) & improved[lab]
+                winner = (score == chunk_best[vlab]) & improved[vlab]
                 idx = winner.nonzero().squeeze(1)
-                cand.index_copy_(0, lab[idx], pix[idx])
+                cand.index_copy_(0, vlab[idx], vpix[idx])
                 best = torch.maximum(best, chunk_best)
-        # exact DDP: reduce the per-class sums, not the updated memories
-        for t in (count, total, wsum, wtot):
-            _all_reduce(t)
+        # exact DDP: reduce the per-class sums (one coalesced all-reduce), not the updated memories
+        if is_distributed():
+            flat = torch.cat([count, total.flatten(), wsum.flatten(), wtot])
+            _all_reduce(flat)
+            count, total, wsum, wtot = flat.split([k, k * c, k * c, k])
+            total, wsum = total.view(k, c), wsum.view(k, c)
         present = count > 0
         new = present & ~self.initialized
         upd = present & self.initialized
@@ -178,6 +202,7 @@ class FeatureMemory(nn.Module):
                 init_rows = self._kmeans_init(features, labels, new, total, count)
             self.memory[new] = init_rows[new]
             self.initialized |= new
+            logger.debug("memory: initialised classes %s (%s)", new.nonzero().flatten().tolist(), self.init)
         if bool(upd.any()):
             mean = total / count.clamp_min(1.0)[:, None]
             if self.strategy == "cosine":
@@ -212,7 +237,7 @@ class FeatureMemory(nn.Module):
         dev = self.memory.device
         mean = total / count.clamp_min(1.0)[:, None]
         sq = torch.zeros(k, c, device=dev)
-        for pix, lab in self._pixels(features, labels):
+        for pix, lab in self._valid_pixels(features, labels):
             sq.index_add_(0, lab, (pix - mean[lab]) ** 2)
         _all_reduce(sq)
         std = (sq / count.clamp_min(1.0)[:, None]).sqrt()
@@ -222,7 +247,7 @@ class FeatureMemory(nn.Module):
         for _ in range(self.kmeans_iters):
             sums = torch.zeros(k * nc, c, device=dev)
             sizes = torch.zeros(k * nc, device=dev)
-            for pix, lab in self._pixels(features, labels):
+            for pix, lab in self._valid_pixels(features, labels):
                 d = torch.cdist(pix[:, None, :], cent[lab]).squeeze(1)  # [n, nc]
                 slot = lab * nc + d.argmin(1)
                 sums.index_add_(0, slot, pix)

@@ -4,7 +4,7 @@
 ``context="mcibi"`` : R = 3x3 conv(stage 4); W-logits = H1(R); C_bi = DCA(R, W, M) (Eq 11-14);
                       F = Fusion(R, C_bi[, C_wi]) (Eq 4); O = H2(F); memory update (Eq 6-10) and
                       RCL L_M = CE(H2(M), k) (Eq 15/17) in the training forward.
-``context="acf"``   : R = 3x3 conv(stage 4); F = 3x3 conv(concat[R, ACF(R), GP(R)[, C_wi]]); O = cls(F)
+``context="acf"``   : R = 3x3 conv(stage 4); F = conv(concat[R, ACF(R), GP(R)[, C_wi]]); O = cls(F)
                       (CFNet = FCN + ACF + GP, Fig 3).
 
 OCRNet uses the stage-3 auxiliary logits as its soft object regions (as in OCRNet with ResNet).
@@ -97,13 +97,13 @@ class DecodeHead(nn.Module):
             self.memory = FeatureMemory(num_classes, width, init=m.init, update=m.update,
                                         ignore_index=ignore_index, chunk_pixels=m.update_chunk_pixels)
             self.dca = DCA(width)
-            self.fusion = Fusion(m.fusion, 3 if has_wi else 2, width)
+            self.fusion = Fusion(m.fusion, 3 if has_wi else 2, width, cfg.fusion_kernel)
             self.classifier = ClassifierH2(width, num_classes, cfg.dropout)  # H2
         elif cfg.context == "acf":
             a = cfg.acf
             self.acf = ACF(width, a.channels, a.heads, a.mixtures, a.dropout, a.phi, a.scale)
             self.global_pool = GlobalPool(width, width) if a.global_pool else None
-            self.fusion = Fusion("concat", 2 + int(a.global_pool) + int(has_wi), width)
+            self.fusion = Fusion("concat", 2 + int(a.global_pool) + int(has_wi), width, cfg.fusion_kernel)
             self.classifier = nn.Sequential(nn.Dropout2d(cfg.dropout), nn.Conv2d(width, num_classes, 1))
         else:
             self.classifier = nn.Sequential(nn.Dropout2d(cfg.dropout), nn.Conv2d(width, num_classes, 1))

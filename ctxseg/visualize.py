@@ -1,0 +1,332 @@
+"""Figures and images of the evaluation and the report: pure NumPy / torch / matplotlib (Agg backend).
+
+Every ``*_figure`` function returns a matplotlib ``Figure``; :func:`save_png` writes it atomically and
+closes it. Image helpers (:func:`overlay`, :func:`palette_png`) work on ``uint8`` arrays.
+
+Numerical helpers used by the figures (and tested on their own):
+
+* :func:`class_mean_features` — per-image, per-class mean of a feature map (the points of MCIBI Fig 3);
+* :func:`pca_2d` — a 2-D PCA projection by SVD (deterministic sign).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctxseg.data.info import colorize
+from ctxseg.io import atomic_path
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically, then close it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+def _colour(palette: Sequence, k: int) -> tuple:
+    if palette and k < len(palette):
+        return tuple(c / 255.0 for c in palette[k])
+    return pyplot().get_cmap("tab20")(k % 20)
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def palette_png(label: np.ndarray, palette: Sequence) -> "PIL.Image.Image":  # noqa: F821
+    """A P-mode PNG image of a class-id map: shows the palette colours, and its pixel values are the ids."""
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    img.putpalette(flat.reshape(-1).tolist())
+    return img
+
+
+def overlay(image: np.ndarray, mask_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour mask over an RGB image: ``(1 - alpha)·image + alpha·mask`` (uint8)."""
+    if image.shape != mask_rgb.shape:
+        raise ValueError(f"image shape {image.shape} != mask shape {mask_rgb.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = (1.0 - alpha) * image.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- numbers
+
+
+def class_mean_features(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image class means of a ``[B, C, h, w]`` feature map under ``[B, H, W]`` labels.
+
+    The labels are resized to the feature resolution with nearest-neighbour sampling (as MCIBI does
+    for its memory update). Returns ``(means [N, C], classes [N], image_index [N])``, one row per
+    (image, class present in that image).
+    """
+    if features.ndim != 4 or labels.ndim != 3 or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"features [B,C,h,w] and labels [B,H,W] expected, got {tuple(features.shape)} "
+                         f"and {tuple(labels.shape)}")
+    b, c, h, w = features.shape
+    small = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    feats = features.detach().float().permute(0, 2, 3, 1).reshape(b, h * w, c)
+    small = small.reshape(b, h * w)
+    means, classes, images = [], [], []
+    for i in range(b):
+        lab = small[i]
+        keep = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
+        lab, f = lab[keep], feats[i][keep]
+        if lab.numel() == 0:
+            continue
+        sums = torch.zeros(num_classes, c, dtype=f.dtype).index_add_(0, lab, f)
+        counts = torch.bincount(lab, minlength=num_classes)
+        present = counts.nonzero().squeeze(1)
+        means.append((sums[present] / counts[present, None].to(f.dtype)).numpy())
+        classes.append(present.numpy())
+        images.append(np.full(len(present), i))
+    if not means:
+        return np.zeros((0, c), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(means), np.concatenate(classes).astype(np.int64), np.concatenate(images).astype(np.int64)
+
+
+def pca_2d(x: np.ndarray, fit: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Project ``x`` [N, C] on the first two principal axes of ``fit`` (default ``x``).
+
+    Returns ``(coords [N, 2], explained_variance_ratio [2])``. Axis signs are fixed so that the
+    largest-magnitude loading of each axis is positive (deterministic across runs).
+    """
+    fit = x if fit is None else fit
+    fit = np.asarray(fit, dtype=np.float64)
+    mean = fit.mean(0, keepdims=True)
+    centred = fit - mean
+    if centred.shape[0] < 2:
+        return np.zeros((len(x), 2)), np.zeros(2)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])
+    axes = axes * np.where(signs == 0, 1, signs)[:, None]
+    var = s**2
+    ratio = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
+    coords = (np.asarray(x, dtype=np.float64) - mean) @ axes.T
+    if coords.shape[1] < 2:  # one feature dimension: pad the second axis
+        coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], 1)
+        ratio = np.concatenate([ratio, np.zeros(2 - len(ratio))])
+    return coords, ratio
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], title: str = "Per-class IoU"):
+    """Grouped horizontal bars: one group per class, one bar per model (IoU in %; missing = no bar)."""
+    plt = pyplot()
+    names = list(series)
+    classes = list(next(iter(series.values()))) if series else []
+    n = max(len(names), 1)
+    height = 0.8 / n
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.22 * len(classes) * max(1, n / 1.5) + 1)))
+    y = np.arange(len(classes))
+    for i, name in enumerate(names):
+        values = [series[name].get(c) for c in classes]
+        values = [np.nan if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in values]
+        ax.barh(y + i * height, values, height, label=name)
+    ax.set_yticks(y + 0.4 - height / 2, classes)
+    ax.invert_yaxis()
+    ax.set_xlabel("IoU (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix",
+                     normalize: bool = True):
+    """Heatmap of a confusion matrix (rows = ground truth, columns = prediction), row-normalised by default."""
+    plt = pyplot()
+    m = np.asarray(matrix, dtype=np.float64)
+    if normalize:
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    side = max(4.0, 0.38 * k + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if k <= 25:
+        for t in range(k):
+            for p in range(k):
+                if m[t, p] >= 0.005 if normalize else m[t, p] > 0:
+                    text = f"{100 * m[t, p]:.0f}" if normalize else f"{int(m[t, p])}"
+                    ax.text(p, t, text, ha="center", va="center", fontsize=6,
+                            color="white" if (m[t, p] > 0.5 * (m.max() or 1)) else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class" if normalize else "pixels")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                           panels: Sequence[tuple[str, str, str]] = (
+                               ("loss", "training loss", "iteration"),
+                               ("val_mIoU", "validation mIoU", "epoch"))):
+    """One panel per metric (``(key, title, x label)``), one line per model. ``curves[model][key] = (x, y)``.
+
+    Panels with no data in any model are left out.
+    """
+    plt = pyplot()
+    panels = [p for p in panels if any(p[0] in c for c in curves.values())] or list(panels[:1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title, xlabel) in zip(axes[0], panels):
+        for name, series in curves.items():
+            if key not in series:
+                continue
+            x, y = series[key]
+            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequence[np.ndarray],
+                            predictions: Mapping[str, Sequence[Optional[np.ndarray]]], palette: Sequence,
+                            row_titles: Optional[Sequence[str]] = None):
+    """MCIBI Fig 4 layout: rows = images; columns = image, ground truth, then one column per model."""
+    plt = pyplot()
+    cols = 2 + len(predictions)
+    rows = len(images)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3), squeeze=False)
+    titles = ["image", "ground truth"] + list(predictions)
+    for r in range(rows):
+        cells = [images[r], colorize(ground_truths[r], palette)]
+        for name in predictions:
+            pred = predictions[name][r]
+            cells.append(None if pred is None else colorize(pred, palette))
+        for c, cell in enumerate(cells):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell is None:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.imshow(cell, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0 and row_titles:
+                ax.set_ylabel(row_titles[r], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str], palette: Sequence):
+    """MCIBI Fig 3: per model a 2-D PCA of per-image class-mean features, coloured by class.
+
+    ``panels[model] = {"means": [N, C], "classes": [N], "memory": [K, C] or None}``. The PCA of each
+    panel is fitted on that model's own points (the models' feature spaces differ); memory entries,
+    projected with the same axes, are drawn as large black-edged stars.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 4.2), squeeze=False)
+    seen: dict[int, object] = {}
+    for ax, (name, data) in zip(axes[0], panels.items()):
+        means = np.asarray(data["means"], dtype=np.float64)
+        classes = np.asarray(data["classes"])
+        memory = data.get("memory")
+        if len(means) == 0:
+            ax.text(0.5, 0.5, "no features", ha="center", va="center", transform=ax.transAxes)
+            continue
+        coords, ratio = pca_2d(means)
+        for k in np.unique(classes):
+            sel = classes == k
+            h = ax.scatter(coords[sel, 0], coords[sel, 1], s=12, color=_colour(palette, int(k)), alpha=0.75,
+                           edgecolors="none")
+            seen.setdefault(int(k), h)
+        if memory is not None and len(memory):
+            mem_xy, _ = pca_2d(np.asarray(memory, dtype=np.float64), fit=means)
+            for k, (x, y) in enumerate(mem_xy):
+                ax.scatter([x], [y], s=140, marker="*", color=_colour(palette, k), edgecolors="black", linewidths=0.8)
+            ax.scatter([], [], s=140, marker="*", color="white", edgecolors="black", label="memory entry")
+            ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"{name}", fontsize=10)
+        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.)")
+        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.)")
+        ax.grid(alpha=0.2)
+    if seen:
+        fig.legend([seen[k] for k in sorted(seen)], [class_names[k] if k < len(class_names) else str(k)
+                                                     for k in sorted(seen)],
+                   loc="lower center", ncol=min(len(seen), 7), fontsize=7, markerscale=1.5)
+        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(seen) // 7), 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(grid: np.ndarray, row_labels: Sequence, col_labels: Sequence, xlabel: str, ylabel: str,
+                   title: str, fmt: str = "{:.1f}"):
+    """Annotated heatmap (e.g. the K x H mIoU grid of CFNet Table 3); NaN cells are blank."""
+    plt = pyplot()
+    g = np.asarray(grid, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.2, 0.8 * len(row_labels) + 1.6))
+    im = ax.imshow(np.ma.masked_invalid(g), cmap="viridis")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    finite = g[np.isfinite(g)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            if np.isfinite(g[i, j]):
+                ax.text(j, i, fmt.format(g[i, j]), ha="center", va="center", fontsize=9,
+                        color="black" if g[i, j] > mid else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_scatter_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ylabel: str = "mIoU (%)"):
+    """One panel per swept key: every trial's mIoU against the key's value, the best per value joined."""
+    plt = pyplot()
+    keys = list(series)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.1), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        x, y = (np.asarray(v, dtype=np.float64) for v in series[key])
+        ax.scatter(x, y, s=16, alpha=0.7)
+        if len(x):
+            xs = np.unique(x)
+            best = [np.nanmax(y[x == v]) for v in xs]
+            ax.plot(xs, best, color="C1", lw=1, label="best per value")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,108 @@
+"""The train stage on Ray Train: DDP with the MCIBI memory, fault recovery, non-finite loss, resume.
+
+These run the real ``pipeline.train.train_model`` against a local Ray instance shared by the module.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from ctxseg.config import deep_merge, parse_params
+from ctxseg.engine import NonFiniteLossError
+from pipeline import common
+from pipeline.train import FAULT_ENV, train_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared_root(tmp_path_factory) -> Path:
+    """A project root holding the prepared tiny synthetic dataset."""
+    from ctxseg.data import download_dataset, prepare_dataset
+
+    root = tmp_path_factory.mktemp("study")
+    params = parse_params(copy.deepcopy(TINY))
+    paths = common.Paths(params, root)
+    download_dataset(params.data, paths.raw)
+    prepare_dataset(params.data, paths.raw, paths.prepared)
+    return root
+
+
+def study(overrides: dict):
+    params = parse_params(deep_merge(copy.deepcopy(TINY), overrides))
+    return params
+
+
+def runs_of(root: Path, model: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ctxseg")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.model = '{model}'")
+
+
+def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_root, local_ray, monkeypatch):
+    """2 gloo ranks train +MCIBI; rank 0 crashes once in epoch 2; Ray restarts from the epoch-1
+    checkpoint; every epoch ends with the memory identical on both ranks."""
+    params = study({
+        "models": {"ddp_mcibi": {"context": "mcibi"}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "train": {"epochs": 2, "batch_size": 4, "max_failures": 1},
+    })
+    iters_per_epoch = 8 // 4  # 8 training images, global batch 4
+    monkeypatch.setenv(FAULT_ENV, str(iters_per_epoch + 1))  # mid epoch 2
+    summary = train_model(params, "ddp_mcibi", common.Paths(params, prepared_root))
+
+    model_dir = prepared_root / "models" / "ddp_mcibi"
+    assert (model_dir / ".fault_injected").exists(), "the fault was injected"
+    assert summary["epochs"] == 2 and summary["iterations"] == 2 * iters_per_epoch
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    for h in summary["history"]:
+        assert h["memory_rank_spread"] == 0.0
+    # the restart resumed from the checkpoint: epoch 1 was not trained (or logged) twice
+    client, runs = runs_of(prepared_root, "ddp_mcibi")
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "val_mIoU")
+    assert sorted(m.step for m in history) == [iters_per_epoch, 2 * iters_per_epoch]
+    assert {"loss_w", "loss_m", "memory_momentum"} <= set(runs[0].data.metrics)
+    payload = torch.load(model_dir / "model.pt", weights_only=True)
+    assert any(k.endswith("memory") for k in payload["model"])
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(prepared_root, local_ray):
+    params = study({
+        "models": {"exploding": {"context": "none"}},
+        "train": {"epochs": 3, "lr": 1.0e12, "max_failures": 0},
+    })
+    with pytest.raises(NonFiniteLossError) as info:
+        train_model(params, "exploding", common.Paths(params, prepared_root))
+    msg = str(info.value)
+    assert "[exploding] non-finite loss at iteration" in msg
+    assert "loss_o=" in msg and "Lower train.lr" in msg
+    assert not (prepared_root / "models" / "exploding" / "model.pt").exists()
+    _, runs = runs_of(prepared_root, "exploding")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_finished_run_is_not_resumed_but_retrained_when_stage_reruns(prepared_root, local_ray):
+    """A completed run whose config is unchanged retrains from scratch when DVC re-runs the stage
+    (e.g. because code changed), and never mixes its checkpoints with the previous run's."""
+    params = study({"models": {"again": {"context": "none"}}, "train": {"epochs": 1}})
+    paths = common.Paths(params, prepared_root)
+    first = train_model(params, "again", paths)
+    second = train_model(params, "again", paths)
+    assert first["run_id"] != second["run_id"]
+    assert second["history"][0]["epoch"] == 1 and len(second["history"]) == 1
