@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import re
 import types
 import typing
@@ -158,6 +159,87 @@ class ReportConfig(StrictModel):
         return v
 
 
+class SearchDimension(StrictModel):
+    """One swept key. Exactly one of: ``grid`` (every value), ``choice`` (sampled), ``uniform`` /
+    ``loguniform`` ([low, high] floats) or ``randint`` ([low, high) integers)."""
+
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDimension":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("grid", "choice") and not values:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{kind} needs [low, high] with low < high, got {list(values)}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform needs positive bounds, got {list(values)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the model config (every listed value, or both bounds)."""
+        values = getattr(self, self.kind)
+        return list(values) if self.kind in ("grid", "choice") else [values[0], values[1] - (self.kind == "randint")]
+
+
+class SweepConfig(StrictModel):
+    """One Ray Tune sweep over the architecture/loss keys of one model of ``models``."""
+
+    model: str = Field(..., description="a key of `models`: the base config of every trial")
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the full grid; random/optuna: trials")
+    space: dict[str, SearchDimension] = Field(
+        ..., description="model-config key (e.g. acf.mixtures, mcibi.alpha) -> search dimension"
+    )
+
+    @model_validator(mode="after")
+    def _grid_only_with_grid(self) -> "SweepConfig":
+        if not self.space:
+            raise ValueError("space must name at least one key")
+        if self.search == "grid":
+            bad = [k for k, d in self.space.items() if d.kind not in ("grid", "choice")]
+            if bad:
+                raise ValueError(f"search: grid can only enumerate grid/choice dimensions; {bad} are continuous "
+                                 f"(use search: random or optuna)")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """Ray Tune sweeps (the ``tune`` stage). Each trial is a full Ray Train run of the train stage's code."""
+
+    epochs: int = Field(2, ge=1, description="epochs per trial (ASHA's max_t)")
+    metric: Literal["val_mIoU", "val_pixAcc", "val_mAcc"] = "val_mIoU"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor of trials per rung")
+    max_concurrent_trials: int = Field(2, ge=1)
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each trial")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker of a trial (0 = CPU)")
+    seed: int = Field(0, ge=0, description="seed of the random / Optuna searcher")
+    sweeps: dict[str, SweepConfig] = Field(default_factory=dict)
+
+    @field_validator("sweeps")
+    @classmethod
+    def _sweep_names(cls, sweeps: dict[str, SweepConfig]) -> dict[str, SweepConfig]:
+        for name in sweeps:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"sweep name {name!r} must match {MODEL_NAME_PATTERN} (it names folders and runs)")
+        return sweeps
+
+
 class Params(StrictModel):
     """The whole of params.yaml."""
 
@@ -173,6 +255,7 @@ class Params(StrictModel):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +284,30 @@ class Params(StrictModel):
             if not re.match(MODEL_NAME_PATTERN, name):
                 raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (it names folders and runs)")
         return models
+
+    @model_validator(mode="after")
+    def _sweeps_fit_models(self) -> "Params":
+        """Every sweep names a listed model, and every value it can try is a valid config of that model."""
+        for sweep_name, sweep in self.tune.sweeps.items():
+            where = f"tune.sweeps.{sweep_name}"
+            if sweep.model not in self.models:
+                raise ValueError(f"{where}.model = {sweep.model!r} is not a key of `models` ({sorted(self.models)})")
+            base = self.models[sweep.model].model_dump()
+            keys = list(sweep.space)
+            combos = itertools.islice(itertools.product(*(sweep.space[k].probe_values() for k in keys)), 4096)
+            for combo in combos:
+                overrides = dict(zip(keys, combo))
+                try:
+                    ModelConfig.model_validate(deep_merge(base, unflatten(overrides)))
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    loc = ".".join(str(p) for p in first["loc"])
+                    msg = first["msg"].removeprefix("Value error, ")
+                    shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+                    raise ValueError(
+                        f"{where}.space: {shown} makes model {sweep.model!r} invalid ({loc or 'model'}: {msg})"
+                    ) from None
+        return self
 
     def model_config_of(self, name: str) -> ModelConfig:
         """The resolved config of model ``name`` (a key of ``models``)."""
@@ -251,6 +358,18 @@ def params_to_dict(params: Params) -> dict:
     return params.model_dump(mode="json")
 
 
+def unflatten(flat: dict[str, Any]) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    tree: dict = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are kept as values)."""
     flat: dict[str, Any] = {}
@@ -282,12 +401,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
                 f"  - `{key}`: unknown key.{hint} Allowed keys here: {', '.join(allowed) or '(none)'}."
             )
         else:
-            value = e.get("input")
-            shown = _short(value)
-            msg = e["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            lines.append(f"  - `{key}` = {shown}: {msg}.")
+            msg = e["msg"].removeprefix("Value error, ")
+            if not loc:
+                lines.append(f"  - {msg}.")
+            else:
+                lines.append(f"  - `{key}` = {_short(e.get('input'))}: {msg}.")
     return "\n".join(lines)
 
 

@@ -306,12 +306,39 @@ def _warn_node_local_storage(params: Params, storage: str) -> None:
         )
 
 
+def make_trainer(params: Params, model_name: str, paths: common.Paths, *, run_dir: Path, run_id: str,
+                 storage: str, name: str, fallback: Optional[Path] = None, callbacks: Optional[list] = None):
+    """The TorchTrainer of one training run; shared by the train stage and every Tune trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = _resolve_use_gpu(params)
+    resources = {"CPU": params.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = params.scaling.gpus_per_worker
+    fault = os.environ.get(FAULT_ENV)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": params_to_dict(params), "model_name": model_name, "prepared": str(paths.prepared),
+            "run_dir": str(run_dir), "tracking_uri": common.mlflow_tracking_uri(params, paths.root),
+            "run_id": run_id, "system_metrics": params.mlflow.system_metrics,
+            "fault_at_iteration": int(fault) if fault else None,
+            "fallback_checkpoint": str(fallback) if fallback else None,
+        },
+        scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+        ),
+    )
+
+
 def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
     """Train ``model_name`` (resuming if its run was interrupted); return the run summary."""
     import mlflow
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     cfg = params.model_config_of(model_name)
     meta = common.dataset_meta(paths)
@@ -338,13 +365,8 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
         client.update_run(run_id, status="RUNNING")
         log.info("[%s] resuming interrupted run %s (MLflow run %s)", model_name, ray_name, run_id)
     else:
-        run = client.create_run(experiment_id, run_name=run_name(params, model_name), tags={
-            "stage": "train", "model": model_name, "dataset": params.data.name,
-            "framework": cfg.framework, "context": cfg.context,
-            "mlflow.source.git.commit": common.git_commit(root), "git_commit": common.git_commit(root),
-        })
-        run_id = run.info.run_id
-        _log_params(client, run_id, params, model_name)
+        run_id = create_run(client, experiment_id, params, model_name, root, run_name(params, model_name),
+                            {"stage": "train"})
     write_json(run_file, {"model": model_name, "fingerprint": fp, "status": "running", "run_id": run_id,
                           "experiment_id": experiment_id, "ray_run": f"{storage}/{ray_name}"})
 
@@ -352,30 +374,10 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
     fallback = latest_checkpoint_on_disk(Path(storage) / ray_name) if resumable and "://" not in storage else None
     mode = common.init_ray(params)
     _warn_node_local_storage(params, storage)
-    use_gpu = _resolve_use_gpu(params)
-    resources = {"CPU": params.scaling.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = params.scaling.gpus_per_worker
-    fault = os.environ.get(FAULT_ENV)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "params": params_to_dict(params), "model_name": model_name, "prepared": str(paths.prepared),
-            "run_dir": str(model_dir), "tracking_uri": tracking_uri, "run_id": run_id,
-            "system_metrics": params.mlflow.system_metrics,
-            "fault_at_iteration": int(fault) if fault else None,
-            "fallback_checkpoint": str(fallback) if fallback else None,
-        },
-        scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=ray_name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
-        ),
-    )
+    trainer = make_trainer(params, model_name, paths, run_dir=model_dir, run_id=run_id, storage=storage,
+                           name=ray_name, fallback=fallback)
     log.info("[%s] Ray Train (%s Ray, %d worker(s), gpu=%s) -> %s/%s", model_name, mode,
-             params.scaling.num_workers, use_gpu, storage, ray_name)
+             params.scaling.num_workers, trainer.scaling_config.use_gpu, storage, ray_name)
     try:
         result = trainer.fit()
     except BaseException:
@@ -442,6 +444,19 @@ def _clear_run_dir(storage: str, model_dir: Path) -> None:
             pass
     else:
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def create_run(client, experiment_id: str, params: Params, model_name: str, root: Path, name: str,
+               tags: dict) -> str:
+    """Create the MLflow run of one training run (train stage or Tune trial) with its params; return its id."""
+    cfg = params.model_config_of(model_name)
+    commit = common.git_commit(root)
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "model": model_name, "dataset": params.data.name, "framework": cfg.framework, "context": cfg.context,
+        "mlflow.source.git.commit": commit, "git_commit": commit, **tags,
+    })
+    _log_params(client, run.info.run_id, params, model_name)
+    return run.info.run_id
 
 
 def _log_params(client, run_id: str, params: Params, model_name: str) -> None:

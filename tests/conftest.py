@@ -25,9 +25,16 @@ def pipeline_env(extra: dict | None = None) -> dict:
     return env
 
 
-def make_project(dest: Path, overrides: dict) -> Path:
-    """Copy the project into ``dest`` (a fresh git + DVC repo) with ``overrides`` merged into params.yaml."""
+def make_project(dest: Path, overrides: dict, replace: dict | None = None) -> Path:
+    """Copy the project into ``dest`` (a fresh git + DVC repo) with ``overrides`` merged into params.yaml.
+
+    ``replace`` maps dotted keys to values that replace (not merge into) the shipped ones; by default
+    the study trains only ``fcn`` and runs no sweep.
+    """
     from ctxseg.config import deep_merge
+
+    if replace is None:
+        replace = {"models": {"fcn": {"context": "none"}}, "tune.sweeps": {}}
 
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -38,8 +45,14 @@ def make_project(dest: Path, overrides: dict) -> Path:
         elif src.exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False))
+    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    for dotted, value in replace.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=ctxseg-test", "-c", "user.email=test@ctxseg.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)

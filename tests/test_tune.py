@@ -1,0 +1,108 @@
+"""The tune stage: a small Ray Tune sweep with ASHA, nested MLflow runs, valid best.yaml, resume."""
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from conftest import make_project, pipeline_env, run
+from ctxseg.config import deep_merge, load_params, parse_params
+
+pytestmark = pytest.mark.slow
+
+SWEEP = {
+    "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2,
+    "workers_per_trial": 1, "cpus_per_worker": 1, "scheduler": "asha",
+}
+SPACE = {"acf.mixtures": {"grid": [1, 2]}, "acf.heads": {"grid": [1, 2]}}
+
+
+def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_overrides):
+    project = make_project(tmp_path / "study", tiny_overrides, replace={
+        "models": {"fcn_acf": {"context": "acf"}},
+        "tune": dict(SWEEP, sweeps={"kxh": {"model": "fcn_acf", "search": "grid", "space": SPACE}}),
+    })
+    assert run(["dvc", "repro", "preprocess"], project).returncode == 0
+
+    # 1. start the sweep and interrupt it once a trial has finished
+    log_file = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(["python", "-m", "pipeline.tune"], cwd=project, env=pipeline_env(),
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    state = project / "tune" / "ray" / "kxh" / "tuner"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        finished = [p for p in state.glob("*/result.json") if p.read_text().count("\n") >= 3]
+        if finished:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=180)
+    log_file.close()
+    assert not (project / "tune" / "results.csv").exists()
+
+    # 2. re-run: the sweep resumes
+    second = run(["python", "-m", "pipeline.tune"], project)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-5000:]
+    assert "resuming interrupted sweep" in out
+
+    rows = list(csv.DictReader((project / "tune" / "results.csv").open()))
+    assert len(rows) == 4
+    assert {(r["acf.mixtures"], r["acf.heads"]) for r in rows} == {("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")}
+    assert all(0.0 <= float(r["best_mIoU"]) <= 1.0 for r in rows)
+    assert any(r["status"] == "STOPPED" for r in rows), "ASHA stopped at least one trial early"
+    assert any(r["status"] == "COMPLETED" and r["epochs"] == "3" for r in rows)
+
+    # MLflow: one parent, one child per trial (no duplicates from the resume), none left running
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ctxseg")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'tune' and tags.sweep = 'kxh' "
+                                 "and attributes.run_name LIKE '%sweep kxh'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and "best_val_mIoU" in parent.data.metrics
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r["trial_id"] for r in rows)
+    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+    for child in children:
+        assert child.data.params["tune.acf.mixtures"] == child.data.params["model.acf.mixtures"]
+        assert child.data.params["train.epochs"] == "3"
+        assert "val_mIoU" in child.data.metrics and "loss" in child.data.metrics  # same names as train
+    assert {r["mlflow_run_id"] for r in rows} == {c.info.run_id for c in children}
+
+    # best.yaml is params vocabulary: it validates, and merged into params.yaml it picks the best trial
+    best = yaml.safe_load((project / "tune" / "best.yaml").read_text())
+    parse_params(best)
+    merged = parse_params(deep_merge(yaml.safe_load((project / "params.yaml").read_text()), best))
+    top = max(rows, key=lambda r: float(r["best_mIoU"]))
+    assert merged.models["fcn_acf"].acf.mixtures == int(top["acf.mixtures"])
+    assert merged.models["fcn_acf"].acf.heads == int(top["acf.heads"])
+    command = run(["python", "-m", "pipeline.tune", "--best-command"], project)
+    assert command.returncode == 0
+    assert command.stdout.startswith("dvc exp run")
+
+
+def test_shipped_sweeps_validate_and_bad_sweep_is_rejected():
+    from pathlib import Path
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    grid = params.tune.sweeps["acf_kxh"]
+    assert grid.space["acf.mixtures"].grid == [1, 2, 4] and grid.space["acf.heads"].grid == [1, 2, 4]
+    raw = {"models": {"a": {"context": "acf", "acf": {"channels": 24}}},
+           "tune": {"sweeps": {"s": {"model": "a", "space": {"acf.mixtures": {"grid": [1, 4]},
+                                                             "acf.heads": {"grid": [1, 4]}}}}}}
+    from ctxseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"acf.mixtures=4, acf.heads=4 makes model 'a' invalid"):
+        parse_params(raw)
+    raw["tune"]["sweeps"]["s"]["model"] = "nope"
+    with pytest.raises(ConfigError, match=r"tune.sweeps.s.model = 'nope' is not a key of `models`"):
+        parse_params(raw)
