@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(params.seed * 1000 + rank)
     device = ray.train.torch.get_device()
 
-    train_loader, val_loader, num_classes = _loaders(params, Path(config["prepared"]), rank, world)
+    train_set, train_loader, val_loader, num_classes = _loaders(params, Path(config["prepared"]), rank, world)
     model = build_segmentor(cfg, num_classes)
     if world > 1 and params.scaling.sync_batchnorm and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)  # augmentation depends on (seed, epoch, index) only
             summary = train_one_epoch(
                 model, train_loader, optimizer, state, params.train, total_iterations,
                 device=device, amp_dtype=amp_dtype, scaler=scaler, on_log=on_log, on_iteration=maybe_fail,
@@ -218,7 +219,7 @@ def _loaders(params: Params, prepared: Path, rank: int, world: int):
     # Validation: an unpadded shard per rank (rank, rank + world, ...); confusion matrices are summed.
     shard = Subset(val_set, list(range(rank, len(val_set), world)))
     val_loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
-    return train_loader, val_loader, num_classes
+    return train_set, train_loader, val_loader, num_classes
 
 
 class _RankZeroTracker:

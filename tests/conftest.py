@@ -68,7 +68,7 @@ def run(cmd: list[str], cwd: Path, env_extra: dict | None = None, timeout: int =
 TINY = {
     "data": {"synthetic": {"num_train": 8, "num_val": 4, "image_size": 96, "min_cue_distance": 32},
              "augment": {"crop_size": [96, 96]}},
-    "train": {"epochs": 2, "batch_size": 4, "log_every": 1},
+    "train": {"epochs": 2, "batch_size": 4, "log_every": 1, "val_every": 1},
     "scaling": {"num_workers": 1, "cpus_per_worker": 1},
     "mlflow": {"system_metrics": False},
     "evaluate": {"scales": [0.75, 1.0], "num_visualisations": 2},

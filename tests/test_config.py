@@ -122,3 +122,16 @@ def test_stage_exits_before_work_on_bad_params(tmp_path, monkeypatch, capfd):
     assert code == 2
     assert "`data.synthetic.num_train` = -5" in capfd.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_readme_params_reference_is_generated_from_the_schema():
+    """Every params key is documented in README.md; regenerate with `python -m ctxseg.config --readme README.md`."""
+    from ctxseg.config import REFERENCE_END, REFERENCE_START, params_reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(REFERENCE_START) + len(REFERENCE_START): readme.index(REFERENCE_END)]
+    assert block.strip() == params_reference_markdown().strip(), (
+        "README params reference is stale: run `.venv/bin/python -m ctxseg.config --readme README.md`"
+    )
+    for key in ("train.epochs", "tune.sweeps.<name>.space", "model.mcibi.alpha", "model.acf.heads", "data.source"):
+        assert f"`{key}`" in block

@@ -180,3 +180,14 @@ def test_dataset_errors(data_prepared):
         SegmentationDataset(root.parent / "nowhere", "train")
     x, y = SegmentationDataset(root, "val")[0]  # default transform: normalise only
     assert x.shape == (3, 128, 128) and y.dtype == torch.int64
+
+
+def test_synthetic_upscaling_crop_warning(caplog):
+    with caplog.at_level("WARNING", logger="ctxseg.data.transforms"):
+        build_train_transform(DataConfig())  # papers' [0.5, 2.0] with a 128 crop of 128-px images
+    assert "cut the cue off" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctxseg.data.transforms"):
+        build_train_transform(DataConfig(augment=AugmentConfig(scale_range=(0.5, 1.0))))
+        build_train_transform(DataConfig(name="ade20k"))
+    assert caplog.text == ""

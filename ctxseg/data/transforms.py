@@ -25,6 +25,7 @@ its own generator:
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from PIL import Image
 from ctxseg.data.config import DataConfig
 
 IGNORE = 255
+log = logging.getLogger(__name__)
 
 Sample = Tuple[np.ndarray, np.ndarray]
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], Sample]
@@ -266,6 +268,11 @@ class ToTensor:
 def build_train_transform(cfg: DataConfig) -> Compose:
     """Random resize -> random crop (cat_max_ratio) -> flip -> photometric -> normalise -> pad -> tensor."""
     a = cfg.augment
+    if cfg.name == "synthetic" and a.scale_range[1] > 1.0 and min(a.crop_size) <= cfg.synthetic.image_size:
+        log.warning(
+            "data.augment.scale_range=%s with crop_size=%s on the synthetic benchmark: crops of up-scaled "
+            "images often cut the cue off the ambiguous region, so context cannot be learnt from them. "
+            "Use scale_range [0.5, 1.0] (see ctxseg/data/SYNTHETIC.md)", list(a.scale_range), list(a.crop_size))
     steps: List[Transform] = [
         RandomResize(a.scale_range, a.base_size),
         RandomCrop(a.crop_size, a.cat_max_ratio, a.crop_retries),
