@@ -130,7 +130,7 @@ class EvaluateConfig(StrictModel):
 
 
 class ReportConfig(StrictModel):
-    """What ``reports/report.md`` / ``report.html`` show (README: "The report")."""
+    """What ``reports/report.md`` / ``report.html`` show (sections: see ``pipeline/report.py``)."""
 
     title: str = Field("ctxseg study", description="heading of reports/report.md")
     baseline_context: Literal["none"] = Field("none", description="context of the baseline every delta is taken against")

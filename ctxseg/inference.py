@@ -230,3 +230,26 @@ def measure_latency(module: torch.nn.Module, *inputs: Any, warmup: int = 1, repe
         times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
     return {"median_ms": times[len(times) // 2], "min_ms": times[0], "repeats": len(times)}
+
+
+@torch.no_grad()
+def measure_latencies(cases: dict, warmup: int = 1, repeats: int = 5) -> dict:
+    """Latency of several modules, timed round-robin so that background load hits them alike.
+
+    ``cases[name] = (module, inputs_tuple)``; returns ``name -> {"median_ms", "min_ms", "repeats"}``.
+    """
+    for module, inputs in cases.values():
+        module.eval()
+        for _ in range(max(warmup, 0)):
+            module(*inputs)
+    times: dict = {name: [] for name in cases}
+    for _ in range(max(repeats, 1)):
+        for name, (module, inputs) in cases.items():
+            start = time.perf_counter()
+            module(*inputs)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    out = {}
+    for name, values in times.items():
+        values.sort()
+        out[name] = {"median_ms": values[len(values) // 2], "min_ms": values[0], "repeats": len(values)}
+    return out

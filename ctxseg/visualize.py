@@ -161,6 +161,36 @@ def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], ti
     return fig
 
 
+def per_class_delta_figure(deltas: Mapping[str, Mapping[str, Optional[float]]], baseline: str,
+                           highlight: Sequence[str] = ()):
+    """Per-class IoU change (points) of each context model against ``baseline``; ``highlight``ed
+    classes (e.g. those only context can tell apart) get bold labels."""
+    plt = pyplot()
+    names = list(deltas)
+    classes = list(next(iter(deltas.values()))) if deltas else []
+    n = max(len(names), 1)
+    height = 0.8 / n
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.22 * len(classes) * max(1, n / 1.5) + 1)))
+    y = np.arange(len(classes))
+    for i, name in enumerate(names):
+        values = [deltas[name].get(c) for c in classes]
+        values = [np.nan if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in values]
+        ax.barh(y + i * height, values, height, label=name)
+    ax.set_yticks(y + 0.4 - height / 2, classes)
+    for label in ax.get_yticklabels():
+        if label.get_text() in highlight:
+            label.set_fontweight("bold")
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"IoU change vs {baseline} (points)")
+    ax.set_title(f"Per-class IoU change against {baseline}")
+    ax.grid(axis="x", alpha=0.3)
+    if names:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix",
                      normalize: bool = True):
     """Heatmap of a confusion matrix (rows = ground truth, columns = prediction), row-normalised by default."""
@@ -265,8 +295,8 @@ def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str],
         coords, ratio = pca_2d(means)
         for k in np.unique(classes):
             sel = classes == k
-            h = ax.scatter(coords[sel, 0], coords[sel, 1], s=12, color=_colour(palette, int(k)), alpha=0.75,
-                           edgecolors="none")
+            h = ax.scatter(coords[sel, 0], coords[sel, 1], s=14, color=_colour(palette, int(k)), alpha=0.8,
+                           edgecolors="0.35", linewidths=0.3)
             seen.setdefault(int(k), h)
         if memory is not None and len(memory):
             mem_xy, _ = pca_2d(np.asarray(memory, dtype=np.float64), fit=means)

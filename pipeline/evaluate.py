@@ -56,7 +56,13 @@ def load_trained(model_file: Path, expected_classes: Optional[int] = None) -> tu
         )
     cfg = ModelConfig.model_validate(payload["model_config"])
     model = build_segmentor(cfg, num_classes)
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:  # size mismatch / missing keys: the file's weights and its config disagree
+        first = str(err).strip().splitlines()
+        raise ConfigError(f"{model_file}: the weights do not fit the model described in the same file "
+                          f"({num_classes} classes, {cfg.framework}+{cfg.context}): "
+                          f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}. Re-run the train stage.") from None
     model.eval()
     return model, payload
 
@@ -92,9 +98,11 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
     if len(dataset) == 0:
         raise ConfigError(f"{paths.prepared / (ev.split + '.txt')}: split {ev.split!r} is empty; nothing to evaluate")
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=params.data.num_loader_workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     scales = list(ev.scales) if ev.multi_scale else None
-    single_cm = ConfusionMatrix(num_classes, ignore_index)
-    ms_cm = ConfusionMatrix(num_classes, ignore_index) if scales else None
+    single_cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    ms_cm = ConfusionMatrix(num_classes, ignore_index, device=device) if scales else None
     vis_ids = set(sample_indices(len(dataset), ev.num_visualisations))
     feature_ids = set(sample_indices(len(dataset), ev.feature_images))
     vis: dict[int, np.ndarray] = {}
@@ -102,31 +110,30 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
     seconds = 0.0
     indexed = ((i, image, label) for i, (image, label) in enumerate(loader))
     bar = tqdm(total=len(dataset), desc=f"evaluate {model_name}", unit="img", dynamic_ncols=True)
-    hook = ClassifierInput(model)
-    with hook:
-        for batch in batched_by_size(indexed, ev.batch_size, key=lambda s: (tuple(s[1].shape), tuple(s[2].shape))):
-            ids = [s[0] for s in batch]
-            images = torch.stack([s[1] for s in batch])
-            labels = torch.stack([s[2] for s in batch])
-            hook.features = None
-            start = time.perf_counter()
-            single, ms = predict_single_and_multi(model, images, mode=ev.mode, crop_size=ev.crop_size,
-                                                  stride=ev.stride, scales=scales, flip=ev.flip)
-            seconds += time.perf_counter() - start
-            prediction = resize_probs(single, labels.shape[-2:]).argmax(1)
-            single_cm.update(prediction, labels)
-            if ms_cm is not None:
-                ms_cm.update(resize_probs(ms, labels.shape[-2:]).argmax(1), labels)
-            for j, index in enumerate(ids):
-                if index in vis_ids:
-                    vis[index] = prediction[j].numpy().astype(np.uint8)
-            wanted = [j for j, index in enumerate(ids) if index in feature_ids]
-            if wanted:
-                features = _classifier_features(model, hook, images, ev.mode)
-                means, classes, image_idx = class_mean_features(features[wanted], labels[wanted], num_classes,
-                                                                ignore_index)
-                feats.append((means, classes, np.asarray(ids)[wanted][image_idx]))
-            bar.update(len(batch))
+    for batch in batched_by_size(indexed, ev.batch_size, key=lambda s: (tuple(s[1].shape), tuple(s[2].shape))):
+        ids = [s[0] for s in batch]
+        images = torch.stack([s[1] for s in batch]).to(device)
+        labels = torch.stack([s[2] for s in batch]).to(device)
+        start = time.perf_counter()
+        single, ms = predict_single_and_multi(model, images, mode=ev.mode, crop_size=ev.crop_size,
+                                              stride=ev.stride, scales=scales, flip=ev.flip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        prediction = resize_probs(single, labels.shape[-2:]).argmax(1)
+        single_cm.update(prediction, labels)
+        if ms_cm is not None:
+            ms_cm.update(resize_probs(ms, labels.shape[-2:]).argmax(1), labels)
+        for j, index in enumerate(ids):
+            if index in vis_ids:
+                vis[index] = prediction[j].cpu().numpy().astype(np.uint8)
+        wanted = [j for j, index in enumerate(ids) if index in feature_ids]
+        if wanted:
+            features = classifier_features(model, images)
+            means, classes, image_idx = class_mean_features(features[wanted].cpu(), labels[wanted].cpu(),
+                                                            num_classes, ignore_index)
+            feats.append((means, classes, np.asarray(ids)[wanted][image_idx]))
+        bar.update(len(batch))
     bar.close()
 
     single = single_cm.compute()
@@ -144,7 +151,7 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
         "mAcc": single["mAcc"],
         "per_class_iou": named(single["per_class_iou"], class_names),
         "per_class_acc": named(single["per_class_acc"], class_names),
-        "inference": {"mode": ev.mode, "crop_size": ev.crop_size, "stride": ev.stride},
+        "inference": {"mode": ev.mode, "crop_size": ev.crop_size, "stride": ev.stride, "device": device.type},
         "seconds_per_image": seconds / len(dataset),
     }
     if ms_cm is not None:
@@ -162,8 +169,8 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
                [{"class": c, "iou": v, "iou_ms_flip": report.get("ms_flip", {}).get("per_class_iou", {}).get(c)}
                 for c, v in report["per_class_iou"].items()])
     write_json(plot_dir / "confusion.json", {"classes": class_names, "rows": "ground truth", "columns": "prediction",
-                                             "matrix": single_cm.matrix.tolist()})
-    _write_confusion_png(plot_dir / "confusion.png", single_cm.matrix.numpy(), class_names, model_name)
+                                             "matrix": single_cm.matrix.cpu().tolist()})
+    _write_confusion_png(plot_dir / "confusion.png", single_cm.matrix.cpu().numpy(), class_names, model_name)
     _write_predictions(plot_dir / "predictions", vis, dataset, meta["palette"])
     _write_features(plot_dir / "features.npz", feats, model, class_names)
     if ev.log_mlflow and run_id:
@@ -173,12 +180,9 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
     return report
 
 
-def _classifier_features(model, hook: ClassifierInput, images: torch.Tensor, mode: str) -> torch.Tensor:
-    """Classifier-input features of the single-scale whole-image pass.
-
-    In whole mode the hook kept the last forward, which (multi-scale aside) is not the single-scale
-    one; one extra whole-image forward makes the features unambiguous in every mode."""
-    with torch.no_grad():
+def classifier_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The features entering the final classifier in a single-scale whole-image pass (forward hook)."""
+    with torch.no_grad(), ClassifierInput(model) as hook:
         model(images)
     if hook.features is None:
         raise RuntimeError("the classifier forward hook recorded nothing; is decode_head.classifier used?")

@@ -3,11 +3,16 @@
 Writes ``reports/report.md`` and a self-contained ``reports/report.html`` (images inlined), plus the
 PNG figures in ``reports/figures/``; the whole ``reports/`` folder is replaced atomically.
 
-Sections: headline (did context help, at what cost), main results (MCIBI Table 5 layout), ablations
-(MCIBI Tables 1 and 2, when such runs exist), sweep results from ``tune/`` (CFNet Table 3's K x H grid;
-m0 / alpha / beta), complexity (MCIBI Table 3: params / FLOPs / measured CPU latency, the paper's
-figures beside ours), training curves, per-class IoU, confusion matrix, a qualitative grid (MCIBI
-Fig 4), the feature space (MCIBI Fig 3), MLflow runs and the Model Registry entry of the best model.
+Sections: headline (did context help, at what cost), main results (MCIBI Table 5 layout) with the
+IoU of the classes only context can tell apart (synthetic benchmark), ablations (MCIBI Tables 1 and 2,
+when such runs exist), sweep results from ``tune/`` (CFNet Table 3's K x H grid; m0 / alpha / beta),
+complexity (MCIBI Table 3: params / FLOPs / measured CPU latency, the paper's figures beside ours),
+training curves, per-class IoU and its change against the baseline, confusion matrix, a qualitative
+grid (MCIBI Fig 4), the feature space (MCIBI Fig 3), MLflow runs and the Model Registry entry of the
+best model (registered here: the report is the one stage that sees every model's metrics).
+
+Inputs: ``metrics/``, ``plots/`` (evaluate), ``models/<model>/run.json`` (train), ``tune/`` (optional),
+``data/prepared/<dataset>/`` and the MLflow store (optional: the report is written without it).
 """
 from __future__ import annotations
 
@@ -33,7 +38,11 @@ CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
 FUSION_LABEL = {"add": "add (R + C_bi)", "weighted_add": "weighted add", "concat": "concat (Eq 4)"}
 # MCIBI Table 2 knobs (memory initialisation / update / momentum schedule / RCL)
 MEMORY_KEYS = ("init", "update", "momentum_power", "rcl")
-SWEEP_FIXED_COLUMNS = ("trial_id", "model", "status", "iterations", "final_mIoU", "best_mIoU")
+NOISE = 0.005  # mIoU differences below half a point are called "no clear difference" in the headline
+SYMBOL = {"mcibi.momentum": "m0", "mcibi.alpha": "α", "mcibi.beta": "β", "acf.mixtures": "K", "acf.heads": "H"}
+SWEEP_FIXED_COLUMNS = ("sweep", "trial_id", "model", "status", "epochs", "iterations", "final_mIoU", "best_mIoU",
+                       "mlflow_run_id")
+SWEEP_TEXT_COLUMNS = ("sweep", "trial_id", "model", "status", "mlflow_run_id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +136,17 @@ def _md_cell(text: str) -> str:
 
 
 def _inline_html(text: str) -> str:
-    """Escape, then render Markdown `code` spans."""
-    out = html.escape(text)
-    pieces = out.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+    """Escape, then render Markdown `code` spans and **bold**."""
+    import re
+
+    pieces = html.escape(text).split("`")
+    out = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            out.append(f"<code>{piece}</code>")
+        else:
+            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece))
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +283,8 @@ def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]
                 text += f"mIoU {pct(_miou(r))}% (no {fw} baseline in this study to compare with)"
             else:
                 d = _miou(r) - _miou(base) if _finite(_miou(r)) and _finite(_miou(base)) else None
-                verdict = "n/a" if d is None else ("helped" if d > 0 else "did not help")
+                verdict = ("n/a" if d is None else "helped" if d >= NOISE else "hurt" if d <= -NOISE
+                           else f"no clear difference (within {100 * NOISE:.1f} points)")
                 text += (f"{delta(_miou(r), _miou(base))} mIoU points over `{base['name']}` single-scale "
                          f"({pct(_miou(base))} → {pct(_miou(r))}), {delta(_miou(r, True), _miou(base, True))} with "
                          f"multi-scale + flip: **{verdict}** here")
@@ -279,6 +296,56 @@ def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]
                     text += f", {c['latency_ms'] - b['latency_ms']:+.1f} ms CPU latency (small input)"
             lines.append(text + ".")
     return lines
+
+
+def context_classes(meta: dict) -> list[str]:
+    """Classes that only context tells apart: the synthetic benchmark's look-alike groups (empty otherwise)."""
+    groups = (meta.get("synthetic") or {}).get("groups") or {}
+    return [c for members in groups.values() for c in members if c in meta.get("class_names", [])]
+
+
+def context_class_table(records: list[dict], meta: dict) -> Optional[tuple[list[str], list[list[str]]]]:
+    """IoU of the context-dependent classes per main model, and their mean, with Δ to the baseline."""
+    classes = context_classes(meta)
+    if not classes:
+        return None
+    mains = main_records(records)
+    headers = ["model"] + classes + ["mean (%)", "Δ mean vs baseline"]
+    rows = []
+    for fw in frameworks(records):
+        base_mean = None
+        for ctx in CONTEXTS:
+            r = mains.get((fw, ctx))
+            if r is None:
+                continue
+            values = [r["metrics"]["per_class_iou"].get(c) for c in classes]
+            finite = [v for v in values if _finite(v)]
+            mean = sum(finite) / len(finite) if finite else None
+            if ctx == "none":
+                base_mean = mean
+            rows.append([r["name"]] + [pct(v) for v in values] + [pct(mean),
+                         "" if ctx == "none" else delta(mean, base_mean)])
+    return headers, rows
+
+
+def class_deltas(records: list[dict]) -> tuple[Optional[str], dict[str, dict]]:
+    """(baseline name, {context model: {class: IoU - baseline IoU}}) for the first framework with a baseline."""
+    mains = main_records(records)
+    for fw in frameworks(records):
+        base = mains.get((fw, "none"))
+        if base is None:
+            continue
+        out = {}
+        for ctx in ("mcibi", "acf"):
+            r = mains.get((fw, ctx))
+            if r is None:
+                continue
+            bi = base["metrics"]["per_class_iou"]
+            out[r["name"]] = {c: (v - bi[c]) if _finite(v) and _finite(bi.get(c)) else None
+                              for c, v in r["metrics"]["per_class_iou"].items()}
+        if out:
+            return base["name"], out
+    return None, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +429,7 @@ def read_sweep(path: Path) -> list[dict]:
                               "final_mIoU, best_mIoU and one column per swept key. Re-run `dvc repro tune`.")
         rows = []
         for raw in reader:
-            rows.append({k: _parse_cell(v) if k not in ("trial_id", "model", "status") else (v or "")
+            rows.append({k: _parse_cell(v) if k not in SWEEP_TEXT_COLUMNS else (v or "")
                          for k, v in raw.items() if k is not None})
     return rows
 
@@ -465,24 +532,41 @@ def add_sweep_section(doc: Document, params: Params, paths: common.Paths, figure
         best = per_key_best(rows, key)
         if not best:
             continue
-        doc.table([key, "best mIoU (%)", "trials"], [[str(v), _num(scale * s, 2), str(n)] for v, s, n in best],
-                  caption=f"mIoU against {key}")
+        doc.table([key, "best mIoU (%)", "trials"], [[_value(v), _num(scale * s, 2), str(n)] for v, s, n in best],
+                  caption=f"mIoU against {key}" + (f" ({SYMBOL[key]})" if key in SYMBOL else ""))
         xs = [r[key] for r in rows if _finite(r.get(key)) and _sweep_score(r) is not None]
         ys = [scale * _sweep_score(r) for r in rows if _finite(r.get(key)) and _sweep_score(r) is not None]
         if xs:
-            series[key] = (xs, ys)
+            series[f"{key} ({SYMBOL[key]})" if key in SYMBOL else key] = (xs, ys)
     if series:
         doc.image(save_png(sweep_scatter_figure(series), figures / "sweep_params.png"),
                   "Every trial's validation mIoU (%) against each swept MCIBI / ACF setting")
-    best_row = max((r for r in rows if _sweep_score(r) is not None), key=_sweep_score, default=None)
-    if best_row is not None:
-        setting = ", ".join(f"{k}={best_row[k]}" for k in keys if best_row.get(k) is not None)
-        doc.paragraph(f"Best trial: `{best_row.get('trial_id', '?')}` ({best_row['model']}, {setting}) with "
-                      f"mIoU {_num(scale * _sweep_score(best_row))}%.")
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        best_row = max((r for r in rows if r["model"] == model and _sweep_score(r) is not None), key=_sweep_score,
+                       default=None)
+        if best_row is not None:
+            setting = ", ".join(f"{k}={_value(best_row[k])}" for k in keys if best_row.get(k) is not None)
+            lines.append(f"`{model}`: trial `{best_row.get('trial_id', '?')}` ({setting}), mIoU "
+                         f"{_num(scale * _sweep_score(best_row))}%")
+    if lines:
+        doc.paragraph("Best trial per swept model (short trials: compare trials with each other, not with the main "
+                      "table's fully trained models):")
+        doc.bullets(lines)
     best_yaml = paths.tune / "best.yaml"
     if best_yaml.is_file():
-        doc.paragraph(f"`{best_yaml.relative_to(paths.root)}`:")
-        doc.code(best_yaml.read_text(encoding="utf-8").strip())
+        text = best_yaml.read_text(encoding="utf-8").strip()
+        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+        if comments:  # the tune stage's summary header (the full configs follow it in the file)
+            doc.paragraph(f"`{best_yaml.relative_to(paths.root)}` (summary; the file holds the full model configs):")
+            doc.code("\n".join(comments))
+        else:
+            doc.paragraph(f"`{best_yaml.relative_to(paths.root)}`:")
+            doc.code(text if len(text.splitlines()) <= 40 else "\n".join(text.splitlines()[:40]) + "\n...")
+
+
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _safe(name: str) -> str:
@@ -497,21 +581,30 @@ def complexity_rows(params: Params, num_classes: int) -> list[dict]:
     """Params / FLOPs in the paper's setting (from ctxseg.models.complexity) + our measured CPU latency."""
     import torch
 
-    from ctxseg.inference import measure_latency
+    from ctxseg.inference import measure_latencies
     from ctxseg.models import complexity
 
     rows = complexity.complexity_table(device="meta")
     rc = params.report
-    threads = torch.get_num_threads()
-    for row in rows:
+    cases = {}
+    for i, row in enumerate(rows):
+        torch.manual_seed(i)
         head = _latency_head(complexity, row["framework"], row["context"], rc.latency_in_channels,
                              rc.latency_channels, num_classes)
-        torch.manual_seed(0)
         x = torch.randn(1, rc.latency_in_channels, rc.latency_size, rc.latency_size)
         soft = torch.randn(1, num_classes, rc.latency_size, rc.latency_size) if row["framework"] == "ocrnet" else None
-        row["latency_ms"] = measure_latency(head, x, soft, warmup=1, repeats=rc.latency_repeats)["median_ms"]
-        row["latency_setting"] = (f"1×{rc.latency_in_channels}×{rc.latency_size}×{rc.latency_size}, "
-                                  f"{rc.latency_channels} channels, CPU, {threads} thread(s)")
+        cases[row["module"]] = (head, (x, soft))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: steadier on a shared machine, and comparable between machines
+    try:
+        timings = measure_latencies(cases, warmup=1, repeats=rc.latency_repeats)
+    finally:
+        torch.set_num_threads(threads)
+    setting = (f"1×{rc.latency_in_channels}×{rc.latency_size}×{rc.latency_size}, {rc.latency_channels} channels, "
+               f"CPU, 1 thread, best of {rc.latency_repeats} round-robin runs")
+    for row in rows:
+        row["latency_ms"] = timings[row["module"]]["min_ms"]
+        row["latency_setting"] = setting
     return rows
 
 
@@ -555,8 +648,8 @@ def add_complexity_section(doc: Document, rows: list[dict]) -> None:
     doc.table(headers, body, caption=f"Decode-head feature path; params and FLOPs measured here in the paper's "
                                      f"setting ({setting}; FLOPs = 2 per multiply-add)")
     latency_setting = rows[0].get("latency_setting", "") if rows else ""
-    doc.paragraph(f"CPU latency is measured here on a much smaller input ({latency_setting}; median of "
-                  "repeated runs) to fit the report's time budget: compare modules with each other, not with a GPU. "
+    doc.paragraph(f"CPU latency is measured here on a much smaller input ({latency_setting}) "
+                  "to fit the report's time budget: compare modules with each other, not with a GPU. "
                   "Columns marked **paper** are the figures printed in MCIBI Table 3 (Jin et al., ICCV 2021; its "
                   "timings were taken on a V100 GPU); they are the paper's numbers, not ours, and `n/a` means the "
                   "figure was not transcribed into `ctxseg/models/complexity.py`.")
@@ -594,13 +687,34 @@ def training_curves(records: list[dict], params: Params, paths: common.Paths) ->
     return curves
 
 
+_CLIENTS: dict[str, Any] = {}
+
+
 def _mlflow_client(params: Params, paths: common.Paths):
+    """An MLflow client for the study's tracking store, or None when it cannot be reached.
+
+    The store is probed once per process; against a remote server retries are limited so that an
+    unreachable server costs seconds, not minutes (the report is still written, without MLflow data).
+    """
     import os
 
+    uri = common.mlflow_tracking_uri(params, paths.root)
+    if uri in _CLIENTS:
+        return _CLIENTS[uri]
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return mlflow.MlflowClient(common.mlflow_tracking_uri(params, paths.root))
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:
+        log.warning("MLflow tracking store %s cannot be reached (%s); the report goes on without it", uri, err)
+        client = None
+    _CLIENTS[uri] = client
+    return client
 
 
 def qualitative_inputs(records: list[dict], params: Params, paths: common.Paths, meta: dict):
@@ -679,6 +793,8 @@ def register_best_model(params: Params, paths: common.Paths, records: list[dict]
         import mlflow
 
         client = _mlflow_client(params, paths)
+        if client is None:
+            return {**out, "status": "failed", "reason": "the MLflow tracking store cannot be reached"}
         mlflow.set_tracking_uri(common.mlflow_tracking_uri(params, paths.root))
         experiment_id = best["run"].get("experiment_id") or client.get_run(best["run_id"]).info.experiment_id
         logged = mlflow.search_logged_models(experiment_ids=[experiment_id],
@@ -722,10 +838,12 @@ def _data_description(params: Params, meta: dict, records: list[dict]) -> str:
         if lo and hi:
             size_text.append(f"{split} {lo[0]}×{lo[1]}" + ("" if lo == hi else f" to {hi[0]}×{hi[1]}"))
     epochs = sorted({r["run"].get("epochs") for r in records if r["run"].get("epochs")})
+    iterations = sorted({r["run"].get("iterations") for r in records if r["run"].get("iterations")})
     text = (f"Dataset: **{params.data.name}** ({meta['num_classes']} classes; "
             + ", ".join(f"{n} {s} images" for s, n in splits.items())
             + (f"; image sizes {', '.join(size_text)}" if size_text else "") + "). "
-            f"Models trained for {', '.join(map(str, epochs)) or params.train.epochs} epoch(s), global batch "
+            f"Models trained for {', '.join(map(str, epochs)) or params.train.epochs} epoch(s)"
+            + (f" ({', '.join(map(str, iterations))} iterations)" if iterations else "") + ", global batch "
             f"{params.train.batch_size}, backbone {params.model.backbone.name}; scored on the "
             f"`{params.evaluate.split}` split ({records[0]['metrics'].get('num_images', '?')} images). ")
     if params.data.name == "synthetic":
@@ -742,6 +860,7 @@ def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = 
     from ctxseg.visualize import (
         confusion_figure,
         feature_space_figure,
+        per_class_delta_figure,
         per_class_iou_figure,
         qualitative_grid_figure,
         save_png,
@@ -767,6 +886,9 @@ def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = 
     lines = headline(records, complexity)
     if lines:
         doc.bullets(lines)
+        doc.paragraph("Single training run per model: differences of about a point or less can be seed noise."
+                      + (" Costs are params / FLOPs of the context module in MCIBI Table 3's setting and CPU "
+                         "latency measured here (see the complexity table)." if complexity else ""))
     else:
         doc.paragraph("No context model (MCIBI or ACF) in this study.")
 
@@ -776,6 +898,12 @@ def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = 
                                      "baseline, in mIoU points")
     headers, rows = main_results_table(records)
     doc.table(headers, rows, caption="Every model (single scale unless marked ms+flip)")
+    ctx_table = context_class_table(records, meta)
+    if ctx_table:
+        groups = (meta.get("synthetic") or {}).get("groups") or {}
+        doc.table(*ctx_table, caption="IoU (%) of the classes that look alike and are told apart only by "
+                                      "co-occurring objects elsewhere in the image ("
+                                      + "; ".join(f"{g}: {', '.join(m)}" for g, m in groups.items()) + ")")
     scales = next((r["metrics"]["ms_flip"].get("scales") for r in records if "ms_flip" in r["metrics"]), None)
     if scales:
         doc.paragraph(f"Multi-scale + flip: scales {scales}, horizontal flip "
@@ -808,6 +936,13 @@ def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = 
     doc.image(save_png(per_class_iou_figure({r["name"]: r["metrics"]["per_class_iou"] for r in records},
                                             "Per-class IoU (single scale): baseline vs context models"),
                        figures / "per_class_iou.png"), "Per-class IoU (%), every model")
+    base_name, deltas = class_deltas(records)
+    if deltas:
+        doc.image(save_png(per_class_delta_figure(deltas, base_name, context_classes(meta)),
+                           figures / "per_class_delta.png"),
+                  f"Per-class IoU change of the context models against {base_name} (bold: classes only context "
+                  "can tell apart)" if context_classes(meta) else
+                  f"Per-class IoU change of the context models against {base_name}")
     best = max((r for r in records if _finite(_miou(r))), key=_miou, default=None)
     if best is not None:
         confusion_file = paths.plots / best["name"] / "confusion.json"
@@ -843,10 +978,14 @@ def build_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = 
                           "`evaluate.feature_images` > 0.")
 
     doc.heading("MLflow runs")
-    doc.table(["model", "MLflow run id", "epochs", "final val mIoU (%)"],
-              [[r["name"], r["run_id"] or "–", str(r["run"].get("epochs", "–")),
-                pct((r["run"].get("history") or [{}])[-1].get("val_mIoU"))] for r in records])
     uri = common.mlflow_tracking_uri(params, paths.root)
+    local_ui = uri.startswith("sqlite") or uri.startswith("file")
+    base = "http://127.0.0.1:5000" if local_ui else uri.rstrip("/")
+    doc.table(["model", "MLflow run id", "epochs", "final val mIoU (%)", "run page (with the UI running)"],
+              [[r["name"], r["run_id"] or "–", str(r["run"].get("epochs", "–")),
+                pct((r["run"].get("history") or [{}])[-1].get("val_mIoU")),
+                f"{base}/#/experiments/{r['run']['experiment_id']}/runs/{r['run_id']}"
+                if r["run_id"] and r["run"].get("experiment_id") else "–"] for r in records])
     registry = register_best_model(params, paths, records)
     if registry.get("status") in ("registered", "reused"):
         doc.paragraph(f"Best model by mIoU: `{registry['model']}` ({pct(registry['mIoU'])}%), registered as "

@@ -310,7 +310,7 @@ def _warn_node_local_storage(params: Params, storage: str) -> None:
 def make_trainer(params: Params, model_name: str, paths: common.Paths, *, run_dir: Path, run_id: str,
                  storage: str, name: str, fallback: Optional[Path] = None, callbacks: Optional[list] = None):
     """The TorchTrainer of one training run; shared by the train stage and every Tune trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = _resolve_use_gpu(params)
@@ -333,6 +333,8 @@ def make_trainer(params: Params, model_name: str, paths: common.Paths, *, run_di
             name=name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+            # Ray Train's own INFO lines repeat every reported metric; ours already say it once.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

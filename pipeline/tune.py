@@ -336,6 +336,7 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
     meta = common.dataset_meta(paths)
     for sweep in params.tune.sweeps.values():  # fail on a bad architecture before Ray starts
         build_segmentor(params.model_config_of(sweep.model), int(meta["num_classes"]))
+    (paths.tune / "ray").mkdir(parents=True, exist_ok=True)  # a DVC output even when no sweep is listed
     rows: list[dict] = []
     if params.tune.sweeps:
         common.init_ray(params)

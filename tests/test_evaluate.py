@@ -111,12 +111,13 @@ def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
 def test_evaluate_without_multi_scale_has_no_ms_block_and_baseline_has_no_memory(tmp_path):
     from pipeline.evaluate import evaluate_model
 
-    params = small_params(multi_scale=False, num_visualisations=0, feature_images=1)
+    params = small_params(multi_scale=False, num_visualisations=0, feature_images=1, mode="slide", crop_size=16,
+                          stride=12)
     paths = common.Paths(params, root=tmp_path)
     make_prepared(paths.prepared, n=2)
     save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"])
     report = evaluate_model(params, "fcn", paths)
-    assert "ms_flip" not in report
+    assert "ms_flip" not in report and report["inference"]["mode"] == "slide"
     assert list((paths.plots / "fcn" / "predictions").iterdir()) == []
     with np.load(paths.plots / "fcn" / "features.npz") as f:
         assert "memory" not in f.files and set(f["image_index"].tolist()) == {0}
@@ -145,3 +146,19 @@ def test_sample_indices_are_fixed_and_spread():
     assert sample_indices(10, 4) == [0, 3, 6, 9]
     assert sample_indices(3, 5) == [0, 1, 2]
     assert sample_indices(5, 0) == [] and sample_indices(0, 3) == []
+
+
+def test_predictions_are_scored_at_the_label_resolution(tmp_path):
+    from pipeline.evaluate import evaluate_model
+
+    params = parse_params({"models": {"fcn": {"context": "none", "channels": 16}},
+                           "data": {"eval_short_side": 16},
+                           "evaluate": {"multi_scale": False, "num_visualisations": 1, "log_mlflow": False}})
+    paths = common.Paths(params, root=tmp_path)
+    make_prepared(paths.prepared, n=1, size=32)
+    save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"])
+    evaluate_model(params, "fcn", paths)
+    confusion = json.loads((paths.plots / "fcn" / "confusion.json").read_text())
+    assert np.asarray(confusion["matrix"]).sum() == 32 * 32 - 2 * 32  # every labelled full-resolution pixel
+    with Image.open(paths.plots / "fcn" / "predictions" / "val_000.png") as im:
+        assert im.size == (32, 32)

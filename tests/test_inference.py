@@ -143,3 +143,16 @@ def test_classifier_input_hook_and_memory():
 def test_measure_latency_reports_numbers():
     out = measure_latency(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 8, 8), warmup=1, repeats=3)
     assert out["repeats"] == 3 and 0 < out["min_ms"] <= out["median_ms"]
+
+
+def test_single_and_multi_share_the_scale_1_pass():
+    class Counting(PerPixel):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    model = Counting().eval()
+    predict_single_and_multi(model, torch.randn(1, 3, 16, 16), scales=[0.5, 1.0], flip=True)
+    assert Counting.calls == 4  # single (= scale 1.0 unflipped), 1.0 flipped, 0.5, 0.5 flipped

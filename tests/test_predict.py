@@ -1,0 +1,129 @@
+"""pipeline.predict: masks of the input's size, overlays, clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
+from ctxseg.models import ModelConfig
+from test_evaluate import CLASSES, PALETTE, make_prepared, save_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "models" / "fcn" / "model.pt"
+    model = save_model(path, ModelConfig(context="none", channels=16))
+    return path, model
+
+
+def _images(folder, sizes=((37, 53), (20, 30))):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i, (h, w) in enumerate(sizes):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        name = f"img{i}.png" if i % 2 == 0 else f"img{i}.jpg"
+        Image.fromarray(arr).save(folder / name, quality=95)
+        arrays[name] = np.asarray(Image.open(folder / name).convert("RGB"))
+    (folder / "notes.txt").write_text("not an image, skipped by extension")
+    return arrays
+
+
+def test_predict_writes_masks_of_the_input_size_and_overlays(tmp_path, model_file):
+    from pipeline.predict import main
+
+    path, model = model_file
+    arrays = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    meta = make_prepared(tmp_path / "prepared", n=1, size=8) / "meta.json"  # the same 4 classes, with a palette
+    rc = main(["--model", str(path.parent), "--input", str(tmp_path / "in"), "--output", str(out),
+               "--params", str(tmp_path / "absent.yaml"), "--meta", str(meta)])
+    assert rc == 0
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["class_names"] == CLASSES and len(report["images"]) == 2
+    for name, image in arrays.items():
+        stem = name.rsplit(".", 1)[0]
+        with Image.open(out / f"{stem}_mask.png") as mask_img:
+            assert mask_img.mode == "P" and mask_img.size == (image.shape[1], image.shape[0])
+            mask = np.asarray(mask_img)
+        # the same prediction computed directly: normalise, forward, argmax
+        x = (image.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])["logits"].argmax(1)[0].numpy()
+        assert np.array_equal(mask, expected)
+        with Image.open(out / f"{stem}_overlay.png") as ov:
+            overlay = np.asarray(ov)
+        assert overlay.shape == image.shape
+        colours = np.asarray(PALETTE, dtype=np.float32)[mask]
+        assert np.abs(overlay.astype(np.float32) - (0.5 * image + 0.5 * colours)).max() <= 1.0
+
+
+def test_single_image_and_options(tmp_path, model_file):
+    from pipeline.predict import run_predict
+
+    path, _ = model_file
+    arrays = _images(tmp_path / "in", sizes=((41, 29),))
+    written = run_predict(str(path), tmp_path / "in" / "img0.png", tmp_path / "out", short_side=24,
+                          mode="slide", crop_size=16, stride=12, scales=[0.75, 1.0], flip=True)
+    assert len(written) == 1 and written[0]["size"] == [41, 29]
+    with Image.open(tmp_path / "out" / "img0_mask.png") as m:
+        assert m.size == (29, 41)
+        assert int(np.asarray(m).max()) < len(CLASSES)
+
+
+def test_unreadable_image_fails_clearly_and_writes_nothing(tmp_path, model_file, capsys):
+    from pipeline.predict import main
+
+    path, _ = model_file
+    _images(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG but truncated")
+    rc = main(["--model", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "cannot read this file as an image" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_count_mismatch_fails_clearly(tmp_path, capsys):
+    from pipeline.predict import main
+
+    path = tmp_path / "m" / "model.pt"
+    save_model(path, ModelConfig(context="none", channels=16), num_classes=6)
+    meta_root = make_prepared(tmp_path / "prepared", n=1, size=8)  # 4 classes
+    _images(tmp_path / "in", sizes=((16, 16),))
+    rc = main(["--model", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+               "--meta", str(meta_root / "meta.json")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "the dataset has 4 classes but the model" in err and "predicts 6" in err
+    # the model file itself is inconsistent: 6 outputs, 4 class names
+    rc = main(["--model", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert rc == 2 and "predicts 6 classes but its file lists 4 class names" in capsys.readouterr().err
+
+
+def test_missing_inputs_and_bad_model_source(tmp_path, model_file, capsys):
+    from pipeline.predict import main
+
+    path, _ = model_file
+    assert main(["--model", str(path), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "no such image or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(path), "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert "no images" in capsys.readouterr().err
+    _images(tmp_path / "in", sizes=((8, 8),))
+    assert main(["--model", str(tmp_path / "missing.pt"), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "missing.pt: no such model file" in capsys.readouterr().err
+    assert main(["--model", "not-a-model", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+    assert "not a file, folder, MLflow URI" in capsys.readouterr().err
+
+
+def test_output_stems_disambiguate_shared_names(tmp_path):
+    from pipeline.predict import output_stems
+
+    files = [tmp_path / "a.png", tmp_path / "a.jpg", tmp_path / "b.png"]
+    assert output_stems(files) == ["a_png", "a_jpg", "b"]
