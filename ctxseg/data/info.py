@@ -201,7 +201,7 @@ def _registry() -> Dict[str, DatasetInfo]:
 
     return {
         "synthetic": _info("synthetic", SYNTHETIC_CLASSES, SYNTHETIC_PALETTE,
-                           "embedded synthetic co-occurrence benchmark (see SYNTHETIC.md)"),
+                           "embedded synthetic co-occurrence benchmark (see README.md)"),
         "ade20k": _info("ade20k", ADE20K_CLASSES, None, "ADE20K SceneParsing, 150 classes, 0 -> ignore"),
         "voc_aug": _info("voc_aug", VOC_CLASSES, None, "Pascal VOC 2012 + SBD (trainaug 10582 / val 1449)"),
         "pascal_context": _info("pascal_context", PASCAL_CONTEXT60_CLASSES, None,

@@ -272,7 +272,7 @@ def build_train_transform(cfg: DataConfig) -> Compose:
         log.warning(
             "data.augment.scale_range=%s with crop_size=%s on the synthetic benchmark: crops of up-scaled "
             "images often cut the cue off the ambiguous region, so context cannot be learnt from them. "
-            "Use scale_range [0.5, 1.0] (see ctxseg/data/SYNTHETIC.md)", list(a.scale_range), list(a.crop_size))
+            "Use scale_range [0.5, 1.0] (see README.md, 'The embedded synthetic dataset')", list(a.scale_range), list(a.crop_size))
     steps: List[Transform] = [
         RandomResize(a.scale_range, a.base_size),
         RandomCrop(a.crop_size, a.cat_max_ratio, a.crop_retries),
