@@ -16,159 +16,55 @@ Inputs: ``metrics/``, ``plots/`` (evaluate), ``models/<model>/run.json`` (train)
 """
 from __future__ import annotations
 
-import base64
-import csv
-import html
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from ctxseg.config import ConfigError, Params, flatten
+from ctxseg.config import Params, flatten
 from ctxseg.io import atomic_path
+from ctxseg.report import (
+    CONTEXTS,
+    CONTEXT_LABEL,
+    Document,
+    SYMBOL,
+    _as_pct,
+    _finite,
+    _miou,
+    _num,
+    _safe,
+    _sweep_score,
+    _value,
+    add_complexity_section,
+    class_deltas,
+    context_class_table,
+    context_classes,
+    frameworks,
+    fusion_table,
+    headline,
+    kh_grid,
+    main_records,
+    main_results_table,
+    memory_table,
+    paper_table5,
+    pct,
+    per_key_best,
+    read_sweep,
+    swept_keys,
+)
 from pipeline import common
 
 log = logging.getLogger("ctxseg.report")
-
-CONTEXTS = ("none", "mcibi", "acf")
-CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
-FUSION_LABEL = {"add": "add (R + C_bi)", "weighted_add": "weighted add", "concat": "concat (Eq 4)"}
-# MCIBI Table 2 knobs (memory initialisation / update / momentum schedule / RCL)
-MEMORY_KEYS = ("init", "update", "momentum_power", "rcl")
-NOISE = 0.005  # mIoU differences below half a point are called "no clear difference" in the headline
-SYMBOL = {"mcibi.momentum": "m0", "mcibi.alpha": "α", "mcibi.beta": "β", "acf.mixtures": "K", "acf.heads": "H"}
-SWEEP_FIXED_COLUMNS = ("sweep", "trial_id", "model", "status", "epochs", "iterations", "final_mIoU", "best_mIoU",
-                       "mlflow_run_id")
-SWEEP_TEXT_COLUMNS = ("sweep", "trial_id", "model", "status", "mlflow_run_id")
 
 
 # ---------------------------------------------------------------------------------------------
 # the document
 
 
-class Document:
-    """A tiny document model rendered to both Markdown and self-contained HTML."""
-
-    def __init__(self, title: str):
-        self.title = title
-        self.blocks: list[tuple] = []
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(("heading", level, text))
-
-    def paragraph(self, text: str) -> None:
-        self.blocks.append(("paragraph", text))
-
-    def bullets(self, items: Sequence[str]) -> None:
-        if items:
-            self.blocks.append(("bullets", list(items)))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(("code", text))
-
-    def table(self, headers: list[str], rows: list[list[str]], caption: str = "") -> None:
-        self.blocks.append(("table", headers, rows, caption))
-
-    def image(self, path: Path, caption: str) -> None:
-        self.blocks.append(("image", path, caption))
-
-    def markdown(self, base: Path) -> str:
-        out = [f"# {self.title}", ""]
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "heading":
-                out += ["#" * block[1] + " " + block[2], ""]
-            elif kind == "paragraph":
-                out += [block[1], ""]
-            elif kind == "bullets":
-                out += [f"- {item}" for item in block[1]] + [""]
-            elif kind == "code":
-                out += ["```", block[1], "```", ""]
-            elif kind == "table":
-                headers, rows, caption = block[1], block[2], block[3]
-                if caption:
-                    out += [f"*{caption}*", ""]
-                out.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
-                out.append("|" + "|".join("---" for _ in headers) + "|")
-                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-                out.append("")
-            elif kind == "image":
-                out += [f"![{block[2]}]({block[1].relative_to(base).as_posix()})", "", f"*{block[2]}*", ""]
-        return "\n".join(out)
-
-    def html(self) -> str:
-        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
-                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:4px 8px;"
-                 "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-                 "caption{caption-side:top;text-align:left;font-style:italic;padding:.3em 0}"
-                 "img{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow-x:auto}"
-                 "figcaption{font-style:italic;color:#444}</style></head><body>",
-                 f"<h1>{html.escape(self.title)}</h1>"]
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "heading":
-                parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
-            elif kind == "paragraph":
-                parts.append(f"<p>{_inline_html(block[1])}</p>")
-            elif kind == "bullets":
-                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "</ul>")
-            elif kind == "code":
-                parts.append(f"<pre>{html.escape(block[1])}</pre>")
-            elif kind == "table":
-                caption = f"<caption>{html.escape(block[3])}</caption>" if block[3] else ""
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-                body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
-                parts.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            elif kind == "image":
-                data = base64.b64encode(block[1].read_bytes()).decode()
-                parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(block[2])}'>"
-                             f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
-        parts.append("</body></html>")
-        return "\n".join(parts)
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _inline_html(text: str) -> str:
-    """Escape, then render Markdown `code` spans and **bold**."""
-    import re
-
-    pieces = html.escape(text).split("`")
-    out = []
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            out.append(f"<code>{piece}</code>")
-        else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece))
-    return "".join(out)
-
-
 # ---------------------------------------------------------------------------------------------
 # formatting
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def pct(value: Optional[float]) -> str:
-    return f"{100 * value:.2f}" if _finite(value) else "–"
-
-
-def delta(value: Optional[float], base: Optional[float]) -> str:
-    if not (_finite(value) and _finite(base)):
-        return "–"
-    return f"{100 * (value - base):+.2f}"
-
-
-def _num(value: Any, digits: int = 2) -> str:
-    return f"{value:.{digits}f}" if _finite(value) else "n/a"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,302 +90,12 @@ def collect_results(params: Params, paths: common.Paths) -> list[dict]:
     return records
 
 
-def main_records(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """The record standing for each (framework, context): the canonically named model (``fcn``,
-    ``fcn_mcibi``, ``fcn_acf``) if listed, else the first listed one."""
-    out: dict[tuple[str, str], dict] = {}
-    for r in records:
-        key = (r["framework"], r["context"])
-        canonical = r["framework"] if r["context"] == "none" else f"{r['framework']}_{r['context']}"
-        if key not in out or (r["name"] == canonical and out[key]["name"] != canonical):
-            out[key] = r
-    return out
-
-
-def frameworks(records: list[dict]) -> list[str]:
-    seen: list[str] = []
-    for r in records:
-        if r["framework"] not in seen:
-            seen.append(r["framework"])
-    return seen
-
-
-def _miou(r: Optional[dict], ms: bool = False) -> Optional[float]:
-    if r is None:
-        return None
-    m = r["metrics"]
-    return m.get("ms_flip", {}).get("mIoU") if ms else m.get("mIoU")
-
-
-def paper_table5(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """MCIBI Table 5 layout: one row per framework, baseline / +MCIBI / +ACF with Δ to the baseline.
-
-    Each cell is "single-scale / multi-scale+flip" mIoU (%)."""
-    mains = main_records(records)
-    headers = ["framework", "baseline", "+MCIBI", "Δ +MCIBI", "+ACF", "Δ +ACF"]
-    rows = []
-    for fw in frameworks(records):
-        base = mains.get((fw, "none"))
-        row = [fw]
-        for ctx in CONTEXTS:
-            r = mains.get((fw, ctx))
-            cell = "–" if r is None else f"{pct(_miou(r))} / {pct(_miou(r, True))}"
-            row.append(cell)
-            if ctx != "none":
-                row.append("–" if r is None else f"{delta(_miou(r), _miou(base))} / {delta(_miou(r, True), _miou(base, True))}")
-        rows.append(row)
-    return headers, rows
-
-
-def main_results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Every model: mIoU with the delta against its framework's baseline, pixAcc, mAcc, ms+flip."""
-    baselines = {fw: r for (fw, ctx), r in main_records(records).items() if ctx == "none"}
-    headers = ["model", "framework", "context", "variant", "mIoU (%)", "Δ vs baseline", "pixAcc (%)", "mAcc (%)",
-               "mIoU ms+flip (%)", "Δ ms+flip", "params (M)"]
-    rows = []
-    order = {c: i for i, c in enumerate(CONTEXTS)}
-    for r in sorted(records, key=lambda r: (frameworks(records).index(r["framework"]), order.get(r["context"], 9))):
-        m = r["metrics"]
-        base = baselines.get(r["framework"])
-        is_base = base is r
-        n_params = m.get("num_params")
-        rows.append([r["name"], r["framework"], r["context"], variant_label(r),
-                     pct(m.get("mIoU")), "" if is_base else delta(m.get("mIoU"), _miou(base)),
-                     pct(m.get("pixAcc")), pct(m.get("mAcc")), pct(_miou(r, True)),
-                     "" if is_base else delta(_miou(r, True), _miou(base, True)),
-                     f"{n_params / 1e6:.2f}" if _finite(n_params) else "–"])
-    return headers, rows
-
-
-def variant_label(r: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(r["variant"].items())) or "default"
-
-
-def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]:
-    """One line per context model: its mIoU change over the baseline and its extra cost."""
-    mains = main_records(records)
-    cost = {}
-    for row in complexity or []:
-        cost[(row["framework"], row["context"])] = row
-    lines = []
-    for fw in frameworks(records):
-        base = mains.get((fw, "none"))
-        for ctx in ("mcibi", "acf"):
-            r = mains.get((fw, ctx))
-            if r is None:
-                continue
-            text = f"`{r['name']}` ({fw} {CONTEXT_LABEL[ctx]}): "
-            if base is None:
-                text += f"mIoU {pct(_miou(r))}% (no {fw} baseline in this study to compare with)"
-            else:
-                d = _miou(r) - _miou(base) if _finite(_miou(r)) and _finite(_miou(base)) else None
-                verdict = ("n/a" if d is None else "helped" if d >= NOISE else "hurt" if d <= -NOISE
-                           else f"no clear difference (within {100 * NOISE:.1f} points)")
-                text += (f"{delta(_miou(r), _miou(base))} mIoU points over `{base['name']}` single-scale "
-                         f"({pct(_miou(base))} → {pct(_miou(r))}), {delta(_miou(r, True), _miou(base, True))} with "
-                         f"multi-scale + flip: **{verdict}** here")
-            c, b = cost.get((fw, ctx)), cost.get((fw, "none"))
-            if c and b:
-                text += (f"; cost in the MCIBI Table 3 setting: {c['params_M'] - b['params_M']:+.2f} M params, "
-                         f"{c['flops_G'] - b['flops_G']:+.1f} GFLOPs")
-                if _finite(c.get("latency_ms")) and _finite(b.get("latency_ms")):
-                    text += f", {c['latency_ms'] - b['latency_ms']:+.1f} ms CPU latency (small input)"
-            lines.append(text + ".")
-    return lines
-
-
-def context_classes(meta: dict) -> list[str]:
-    """Classes that only context tells apart: the synthetic benchmark's look-alike groups (empty otherwise)."""
-    groups = (meta.get("synthetic") or {}).get("groups") or {}
-    return [c for members in groups.values() for c in members if c in meta.get("class_names", [])]
-
-
-def context_class_table(records: list[dict], meta: dict) -> Optional[tuple[list[str], list[list[str]]]]:
-    """IoU of the context-dependent classes per main model, and their mean, with Δ to the baseline."""
-    classes = context_classes(meta)
-    if not classes:
-        return None
-    mains = main_records(records)
-    headers = ["model"] + classes + ["mean (%)", "Δ mean vs baseline"]
-    rows = []
-    for fw in frameworks(records):
-        base_mean = None
-        for ctx in CONTEXTS:
-            r = mains.get((fw, ctx))
-            if r is None:
-                continue
-            values = [r["metrics"]["per_class_iou"].get(c) for c in classes]
-            finite = [v for v in values if _finite(v)]
-            mean = sum(finite) / len(finite) if finite else None
-            if ctx == "none":
-                base_mean = mean
-            rows.append([r["name"]] + [pct(v) for v in values] + [pct(mean),
-                         "" if ctx == "none" else delta(mean, base_mean)])
-    return headers, rows
-
-
-def class_deltas(records: list[dict]) -> tuple[Optional[str], dict[str, dict]]:
-    """(baseline name, {context model: {class: IoU - baseline IoU}}) for the first framework with a baseline."""
-    mains = main_records(records)
-    for fw in frameworks(records):
-        base = mains.get((fw, "none"))
-        if base is None:
-            continue
-        out = {}
-        for ctx in ("mcibi", "acf"):
-            r = mains.get((fw, ctx))
-            if r is None:
-                continue
-            bi = base["metrics"]["per_class_iou"]
-            out[r["name"]] = {c: (v - bi[c]) if _finite(v) and _finite(bi.get(c)) else None
-                              for c, v in r["metrics"]["per_class_iou"].items()}
-        if out:
-            return base["name"], out
-    return None, {}
-
-
 # ---------------------------------------------------------------------------------------------
 # ablations (MCIBI Tables 1 and 2)
 
 
-def _mcibi_groups(records: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
-    """framework -> (main MCIBI record, all MCIBI records of that framework)."""
-    mains = main_records(records)
-    groups = {}
-    for fw in frameworks(records):
-        runs = [r for r in records if r["framework"] == fw and r["context"] == "mcibi"]
-        if runs:
-            groups[fw] = (mains[(fw, "mcibi")], runs)
-    return groups
-
-
-def _other_differences(r: dict, ref: dict, table_keys: Sequence[str]) -> str:
-    diff = [f"{k}={v}" for k, v in sorted(r["flat"].items())
-            if k not in table_keys and v != ref["flat"].get(k) and not k.startswith("acf.")]
-    return ", ".join(diff) or "–"
-
-
-def fusion_table(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """MCIBI Table 1: fusion F of Eq 4 (add / weighted add / concat), other memory knobs as the main run's."""
-    tables = []
-    baselines = {fw: r for (fw, c), r in main_records(records).items() if c == "none"}
-    for fw, (main, runs) in _mcibi_groups(records).items():
-        same = [r for r in runs if all(r["flat"][f"mcibi.{k}"] == main["flat"][f"mcibi.{k}"] for k in MEMORY_KEYS)]
-        if len({r["flat"]["mcibi.fusion"] for r in same}) < 2:
-            continue
-        base = baselines.get(fw)
-        rows = []
-        if base is not None:
-            rows.append([base["name"], "(no DCA: baseline)", pct(_miou(base)), "", "–"])
-        order = list(FUSION_LABEL)
-        for r in sorted(same, key=lambda r: order.index(r["flat"]["mcibi.fusion"])):
-            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], pct(_miou(r)),
-                         delta(_miou(r), _miou(base)) if base else "–",
-                         _other_differences(r, main, ["mcibi.fusion"])])
-        tables.append((fw, ["model", "fusion F", "mIoU (%)", "Δ vs baseline", "other differences"], rows))
-    return tables
-
-
-def memory_table(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """MCIBI Table 2: memory initialisation, update (cosine / mean), momentum schedule (poly / constant), RCL."""
-    tables = []
-    baselines = {fw: r for (fw, c), r in main_records(records).items() if c == "none"}
-    for fw, (main, runs) in _mcibi_groups(records).items():
-        same = [r for r in runs if r["flat"]["mcibi.fusion"] == main["flat"]["mcibi.fusion"]]
-        if len({tuple(r["flat"][f"mcibi.{k}"] for k in MEMORY_KEYS) for r in same}) < 2:
-            continue
-        base = baselines.get(fw)
-        rows = []
-        if base is not None:
-            rows.append([base["name"], "–", "–", "–", "–", pct(_miou(base)), "", "–"])
-        for r in same:
-            f = r["flat"]
-            p = f["mcibi.momentum_power"]
-            schedule = "constant" if p == 0 else f"poly (p={p})"
-            rows.append([r["name"], str(f["mcibi.init"]), str(f["mcibi.update"]), schedule,
-                         "✓" if f["mcibi.rcl"] else "✗", pct(_miou(r)),
-                         delta(_miou(r), _miou(base)) if base else "–",
-                         _other_differences(r, main, [f"mcibi.{k}" for k in MEMORY_KEYS])])
-        tables.append((fw, ["model", "memory init", "update", "momentum", "RCL", "mIoU (%)", "Δ vs baseline",
-                            "other differences"], rows))
-    return tables
-
-
 # ---------------------------------------------------------------------------------------------
 # tune results (CFNet Table 3 grid, m0 / alpha / beta)
-
-
-def read_sweep(path: Path) -> list[dict]:
-    """Rows of ``tune/results.csv`` with numbers parsed (empty cells -> None)."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("model", "best_mIoU") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"{path}: missing column(s) {missing}; expected trial_id, model, status, iterations, "
-                              "final_mIoU, best_mIoU and one column per swept key. Re-run `dvc repro tune`.")
-        rows = []
-        for raw in reader:
-            rows.append({k: _parse_cell(v) if k not in SWEEP_TEXT_COLUMNS else (v or "")
-                         for k, v in raw.items() if k is not None})
-    return rows
-
-
-def _parse_cell(value: Optional[str]) -> Any:
-    if value is None or value.strip() == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return value.strip()
-    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-
-
-def _sweep_score(row: dict) -> Optional[float]:
-    for key in ("best_mIoU", "final_mIoU"):
-        if _finite(row.get(key)):
-            return float(row[key])
-    return None
-
-
-def _as_pct(values: list[float]) -> float:
-    """mIoU in results.csv as a fraction (0-1, like metrics/) -> x100; already-percent values are kept."""
-    return 1.0 if values and max(values) > 1.0 else 100.0
-
-
-def swept_keys(rows: list[dict]) -> list[str]:
-    keys: list[str] = []
-    for row in rows:
-        for k, v in row.items():
-            if k not in SWEEP_FIXED_COLUMNS and "." in k and v is not None and k not in keys:
-                keys.append(k)
-    return keys
-
-
-def kh_grid(rows: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
-    """model -> (K values, H values, best mIoU grid [K, H]) over trials that set both acf.mixtures and acf.heads."""
-    out = {}
-    for model in sorted({r["model"] for r in rows}):
-        trials = [r for r in rows if r["model"] == model and r.get("acf.mixtures") is not None
-                  and r.get("acf.heads") is not None and _sweep_score(r) is not None]
-        if not trials:
-            continue
-        ks = sorted({r["acf.mixtures"] for r in trials})
-        hs = sorted({r["acf.heads"] for r in trials})
-        grid = np.full((len(ks), len(hs)), np.nan)
-        for r in trials:
-            i, j = ks.index(r["acf.mixtures"]), hs.index(r["acf.heads"])
-            grid[i, j] = np.nanmax([grid[i, j], _sweep_score(r)])
-        out[model] = (ks, hs, grid)
-    return out
-
-
-def per_key_best(rows: list[dict], key: str) -> list[tuple[Any, float, int]]:
-    """(value, best mIoU, trials) for each value of a swept key."""
-    by: dict[Any, list[float]] = {}
-    for r in rows:
-        if r.get(key) is not None and _sweep_score(r) is not None:
-            by.setdefault(r[key], []).append(_sweep_score(r))
-    return [(v, max(s), len(s)) for v, s in sorted(by.items(), key=lambda kv: (str(type(kv[0])), kv[0]))]
 
 
 def add_sweep_section(doc: Document, params: Params, paths: common.Paths, figures: Path) -> None:
@@ -565,14 +171,6 @@ def add_sweep_section(doc: Document, params: Params, paths: common.Paths, figure
             doc.code(text if len(text.splitlines()) <= 40 else "\n".join(text.splitlines()[:40]) + "\n...")
 
 
-def _value(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 # ---------------------------------------------------------------------------------------------
 # complexity (MCIBI Table 3)
 
@@ -626,33 +224,6 @@ def _latency_head(complexity, framework: str, context: str, in_channels: int, ch
         with torch.no_grad():
             head.memory.memory.normal_()
     return head.eval()
-
-
-def add_complexity_section(doc: Document, rows: list[dict]) -> None:
-    from ctxseg.models import complexity
-
-    doc.heading("Complexity (MCIBI Table 3)")
-    setting = "input 1×2048×128×128, 512 channels, 150 classes"
-    has_paper_time = any(_finite(complexity.PAPER_TABLE3.get(r["module"], {}).get("time_ms")) for r in rows)
-    headers = ["module", "params (M)", "FLOPs (G)", "CPU latency (ms)", "paper: params (M)", "paper: FLOPs (G)"]
-    if has_paper_time:
-        headers.append("paper: time (ms, V100)")
-    body = []
-    for r in rows:
-        paper = complexity.PAPER_TABLE3.get(r["module"], {})
-        line = [r["module"], _num(r["params_M"]), _num(r["flops_G"], 1), _num(r.get("latency_ms"), 1),
-                _num(r.get("paper_params_M")), _num(r.get("paper_flops_G"), 1)]
-        if has_paper_time:
-            line.append(_num(paper.get("time_ms"), 1))
-        body.append(line)
-    doc.table(headers, body, caption=f"Decode-head feature path; params and FLOPs measured here in the paper's "
-                                     f"setting ({setting}; FLOPs = 2 per multiply-add)")
-    latency_setting = rows[0].get("latency_setting", "") if rows else ""
-    doc.paragraph(f"CPU latency is measured here on a much smaller input ({latency_setting}) "
-                  "to fit the report's time budget: compare modules with each other, not with a GPU. "
-                  "Columns marked **paper** are the figures printed in MCIBI Table 3 (Jin et al., ICCV 2021; its "
-                  "timings were taken on a V100 GPU); they are the paper's numbers, not ours, and `n/a` means the "
-                  "figure was not transcribed into `ctxseg/models/complexity.py`.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_missing_metrics_is_a_clear_error_and_keeps_the_old_report(tmp_path):
 
 def test_sweep_csv_without_required_columns_is_refused(tmp_path):
     from ctxseg.config import ConfigError
-    from pipeline.report import read_sweep
+    from ctxseg.report import read_sweep
 
     bad = tmp_path / "results.csv"
     bad.write_text("trial,score\n1,0.5\n")
