@@ -536,13 +536,40 @@ def update_readme(path: Path) -> bool:
     return new != text
 
 
+def apply_preset(params_path: Path, preset_path: Path) -> dict:
+    """``params_path`` deep-merged with a preset's overrides (``presets/<dataset>.yaml``), validated."""
+    base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+    try:
+        preset = yaml.safe_load(Path(preset_path).read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{preset_path}: cannot read the preset ({err.strerror}); presets live in presets/") from None
+    merged = deep_merge(base, preset)
+    parse_params(merged, source=f"{params_path} + {preset_path}")
+    return merged
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="params.yaml schema tools")
     parser.add_argument("--readme", type=Path, help="rewrite the params reference inside this README")
+    parser.add_argument("--preset", type=Path, help="merge this preset (presets/<dataset>.yaml) into --params")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="base params (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="where the merged params go (default: print them)")
     args = parser.parse_args()
-    if args.readme:
+    if args.preset:
+        try:
+            merged = apply_preset(args.params, args.preset)
+        except ConfigError as err:
+            raise SystemExit(str(err)) from None
+        text = yaml.safe_dump(merged, sort_keys=False)
+        if args.out:
+            from ctxseg.io import write_text
+
+            write_text(args.out, text)
+        else:
+            print(text)
+    elif args.readme:
         update_readme(args.readme)
     else:
         print(params_reference_markdown())

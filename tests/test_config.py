@@ -135,3 +135,23 @@ def test_readme_params_reference_is_generated_from_the_schema():
     )
     for key in ("train.epochs", "tune.sweeps.<name>.space", "model.mcibi.alpha", "model.acf.heads", "data.source"):
         assert f"`{key}`" in block
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_dataset_preset_validates_against_the_schema(preset):
+    from ctxseg.config import apply_preset
+
+    merged = apply_preset(ROOT / "params.yaml", preset)
+    params = parse_params(merged)
+    assert params.data.name != "synthetic", "a preset switches to its real dataset"
+    assert params.scaling.use_gpu is True and params.train.amp == "bf16"
+    assert params.data.augment.scale_range[1] >= 1.25
+
+
+def test_preset_typo_is_rejected(tmp_path):
+    from ctxseg.config import apply_preset
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epoch: 10}\n")
+    with pytest.raises(ConfigError, match="`train.epoch`: unknown key. Did you mean `train.epochs`"):
+        apply_preset(ROOT / "params.yaml", bad)
