@@ -70,7 +70,7 @@ def trial_params(base: dict, params: Params, sweep: SweepConfig, overrides: dict
     t = params.tune
     raw = deep_merge(base, {
         "models": {sweep.model: unflatten(overrides)},
-        "train": {"epochs": t.epochs},
+        "train": {"epochs": t.epochs, "val_every": 1},  # the scheduler needs the metric every epoch
         "scaling": {"num_workers": t.workers_per_trial, "cpus_per_worker": t.cpus_per_worker,
                     "gpus_per_worker": t.gpus_per_worker if t.gpus_per_worker > 0 else 1,
                     "use_gpu": t.gpus_per_worker > 0},
