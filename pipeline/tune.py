@@ -22,6 +22,7 @@ import functools
 import io
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -217,8 +218,15 @@ def run_sweep(params: Params, name: str, paths: common.Paths) -> list[dict]:
             run_config=tune.RunConfig(name="tuner", storage_path=str(sweep_dir),
                                       failure_config=tune.FailureConfig(max_failures=params.train.max_failures)),
         )
+    # Tune's own Ctrl-C handler ends fit() *normally*, which would record a cut-short sweep as done.
+    # Without it, Ctrl-C raises KeyboardInterrupt here: nothing is written, the sweep stays resumable
+    # from Tune's periodic experiment snapshot.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         grid = tuner.fit()
+    except KeyboardInterrupt:
+        client.set_terminated(parent_id, status="KILLED")
+        raise
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise

@@ -75,6 +75,12 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; one test's store must not leak into the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def tiny_overrides() -> dict:
     import copy
