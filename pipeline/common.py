@@ -151,6 +151,11 @@ def init_ray(params: Params) -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Train V2 workers hand each ray.train.report to the controller through a one-slot queue that
+    # the controller polls every health-check interval (default 2 s): every report (one per epoch)
+    # waited ~1.8 s. 0.2 s measured 0.18 s per report and cut a TorchTrainer.fit's fixed cost from
+    # ~32 s to ~12 s here. Local Ray inherits this; on a cluster export it before `ray start`.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if ray.is_initialized():
         return "existing"
     address = params.ray.address or os.environ.get("RAY_ADDRESS")

@@ -30,7 +30,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+from . import acf as acf_module
 
 from .config import ModelConfig
 from .segmentor import DecodeHead
@@ -38,6 +40,16 @@ from .segmentor import DecodeHead
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODULES", "PAPER_TABLE3", "measure", "complexity_table", "main"]
+
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of PyTorch's fused CPU SDPA kernel (not in FlopCounterMode's registry): q k^T and P v."""
+    return sdpa_flop_count(query, key, value)
+
+
+_FUSED_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
+# also register it globally, so any FlopCounterMode counts the fused CPU attention (as it does the CUDA ones)
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(_cpu_flash_flops)
 
 # row name -> (framework, context)
 MODULES: List[Tuple[str, str, str]] = [
@@ -78,9 +90,13 @@ def measure(framework: str, context: str, in_channels: int = 2048, size: int = 1
         if context == "mcibi":
             head.memory.memory.normal_()
     params = sum(p.numel() for p in head.parameters())
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        head(x, soft)
+    counter = FlopCounterMode(display=False, custom_mapping=_FUSED_SDPA_FLOPS)
+    padding, acf_module.PAD_HEAD_DIMS = acf_module.PAD_HEAD_DIMS, False  # count the maths, not padding
+    try:
+        with torch.no_grad(), counter:
+            head(x, soft)
+    finally:
+        acf_module.PAD_HEAD_DIMS = padding
     return {"params": float(params), "flops": float(counter.get_total_flops())}
 
 

@@ -75,8 +75,9 @@ class MCIBIConfig(BaseModel):
     )
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout in H1")
     update_chunk_pixels: int = Field(
-        default=1 << 16, ge=1024,
-        description="label-size pixels per chunk in the Eq 8 upsampling (peak extra memory ~ 3 x chunk x C floats)",
+        default=1 << 18, ge=1024,
+        description="label-size pixels per chunk of the memory update (Eq 8-10); peak extra memory "
+        "~ 300 bytes x chunk, independent of C",
     )
 
     @model_validator(mode="after")

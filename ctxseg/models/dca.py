@@ -24,8 +24,15 @@ __all__ = ["DCA", "Fusion", "flat_attention"]
 
 def flat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA over [B, heads, N, d] tensors; nothing quadratic in N is stored."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    """SDPA over [B, heads, N, d] tensors; nothing quadratic in N is stored.
+
+    The fused kernels (CPU flash attention, CUDA flash / memory-efficient) need a unit stride on the
+    last dimension; channel-major feature maps flattened to tokens do not have it, and SDPA then
+    silently falls back to the math path, which stores the N x N matrix (``bench/attention.py``
+    caught this: peak memory equal to the explicit form). Hence the ``contiguous()`` copies (N x d).
+    """
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                          dropout_p=dropout_p, scale=scale)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:

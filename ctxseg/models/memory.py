@@ -6,16 +6,24 @@ inside the training forward, and is saved in checkpoints (``state_dict`` key ``.
 Update of one training step (all under ``torch.no_grad``):
 
 * Eq 8: the pixel representations R are upsampled (bilinear, align_corners=False) to label size.
-  The upsampling is done in row chunks with separable interpolation matrices, so a large label map
-  never materialises a full B x C x H x W tensor.
+  The upsampled map is never materialised: each label-size pixel is a 2 x 2-tap combination of
+  feature-size pixels, and everything Eq 9-10 needs is linear in those taps (see "Vectorised" below).
 * Eq 9: for class k and each pixel i labelled k, w_i = (1 - cos(r_i, M_k)) / sum_j (1 - cos(r_j, M_k)).
 * Eq 10: T(R)_k = sum_i w_i r_i ("mean" strategy: the plain class mean, for the ablation).
 * Eq 6: M_k <- (1 - m) M_k + m T(R)_k for every class k present in the batch.
 * Eq 7: m = (1 - t/T)^p * m0, driven by ``progress`` = t/T, independent of the learning rate.
 
-Everything is vectorised over classes (no Python loop over class ids): per chunk, the per-class
-sums sum_i (1-cos_i) r_i, sum_i (1-cos_i), sum_i r_i and the pixel counts are GEMMs of the
-[K, n] one-hot (or cosine-weighted one-hot) class matrix with the [n, C] pixel matrix.
+Vectorised (no Python loop over class ids, no label-size feature map): for label pixel i of class
+k with taps c_ij on feature-size pixels j (Eq 8, r_i = sum_j c_ij r_j),
+
+* r_i . M_k = sum_j c_ij (r_j . M_k), a gather from the low-resolution [B*h*w, K] product R M^T;
+* |r_i|^2 from the inner products of each feature pixel with its 2 x 2 neighbours (low resolution);
+* sum_{i in k} w_i r_i = sum_j (sum_{i in k} w_i c_ij) r_j: the per-class tap weights are scattered
+  (index_add over class ids) into a [K, B*h*w] matrix S, and the class sums are one GEMM S @ R.
+
+So the cost is O(B*h*w*C*K) + O(labels) instead of O(labels * C * K), and the extra memory is a few
+vectors per chunk of ``chunk_pixels`` label pixels (independent of C) plus the [K, B*h*w] matrix S.
+``bench/memory_update.py`` compares it with a per-class loop and with the previous one-hot-GEMM form.
 
 Exact distributed update: under ``torch.distributed`` those per-class sums are all-reduced
 *before* Eq 9-10 are finished, so N ranks compute exactly the update a single process would
@@ -43,7 +51,7 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureMemory", "poly_momentum", "interp_matrix", "is_distributed"]
+__all__ = ["FeatureMemory", "poly_momentum", "interp_matrix", "interp_taps", "is_distributed"]
 
 _EPS = 1e-8
 
@@ -82,11 +90,32 @@ def interp_matrix(out_size: int, in_size: int, device=None, dtype=torch.float32)
     return a
 
 
+def interp_taps(out_size: int, in_size: int, device=None, dtype=torch.float32):
+    """The two taps of :func:`interp_matrix` per output index: ``(i0, i1, w0, w1)`` with
+    ``out[o] = w0[o] * x[i0[o]] + w1[o] * x[i1[o]]`` and ``i1 = min(i0 + 1, in_size - 1)``."""
+    if in_size == out_size:
+        i0 = torch.arange(out_size, device=device)
+        return (i0, (i0 + 1).clamp(max=in_size - 1), torch.ones(out_size, device=device, dtype=dtype),
+                torch.zeros(out_size, device=device, dtype=dtype))
+    scale = in_size / out_size
+    dst = torch.arange(out_size, device=device, dtype=torch.float64)
+    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    lam = src - i0.to(torch.float64)
+    return i0, i1, (1.0 - lam).to(dtype), lam.to(dtype)
+
+
+def _next(n: int, device=None) -> torch.Tensor:
+    """Index of each position's successor, clamped at the end (the ``i1`` of the taps)."""
+    return (torch.arange(n, device=device) + 1).clamp(max=n - 1)
+
+
 class FeatureMemory(nn.Module):
     """The K x C memory M with its Eq 6-10 update. ``memory`` and ``initialized`` are buffers."""
 
     def __init__(self, num_classes: int, channels: int, init: str = "random", update: str = "cosine",
-                 ignore_index: int = 255, chunk_pixels: int = 1 << 16, kmeans_clusters: int = 3,
+                 ignore_index: int = 255, chunk_pixels: int = 1 << 18, kmeans_clusters: int = 3,
                  kmeans_iters: int = 5) -> None:
         super().__init__()
         if init not in ("random", "mean", "clustering"):
@@ -154,41 +183,85 @@ class FeatureMemory(nn.Module):
         k, c = self.num_classes, self.channels
         dev = self.memory.device
         old = self.memory.clone()
+        feats = features.detach().to(self.memory.dtype)
+        b, _, h, w = feats.shape
+        H, W = labels.shape[-2:]
+        m = b * h * w  # low-resolution pixels of the whole batch
+        rows = feats.permute(0, 2, 3, 1).reshape(m, c)  # R at feature size, [B*h*w, C]
+        # Eq 8 taps: the label-size pixel (y, x) is sum_{a,b} p_a(y) q_b(x) R[a, b] over 2 x 2 sources
+        ti0, ti1, tw0, tw1 = interp_taps(H, h, dev, feats.dtype)
+        si0, si1, sw0, sw1 = interp_taps(W, w, dev, feats.dtype)
+        cosine = self.strategy == "cosine"
+        need_random = self.init == "random" and not bool(self.initialized.all())
         count = torch.zeros(k, device=dev)
-        total = torch.zeros(k, c, device=dev)  # sum_i r_i
-        wsum = torch.zeros(k, c, device=dev)  # Eq 10 numerator sum_i (1 - cos_i) r_i
         wtot = torch.zeros(k, device=dev)  # Eq 9 denominator sum_i (1 - cos_i)
+        s_one = torch.zeros(k * m, device=dev)  # per-class weights of the low-res sources (sum_i r_i)
+        s_cos = torch.zeros(k * m, device=dev) if cosine else None  # the same, (1 - cos_i)-weighted
         best = torch.full((k,), -1.0, device=dev)  # random-init candidate score per class
         cand = torch.zeros(k, c, device=dev)
-        need_random = self.init == "random" and not bool(self.initialized.all())
-        classes = torch.arange(k, device=dev)
-        mem_norm = old.norm(dim=1).clamp_min(_EPS)  # |M_k|
-        for pix_t, lab in self._pixels(features, labels):
-            # per-class sums as GEMMs with the [K, n] one-hot class matrix (zero for invalid pixels)
-            onehot = (classes[:, None] == lab[None, :]).to(pix_t.dtype)
-            count += onehot.sum(1)
-            total += onehot @ pix_t.t()
-            if self.strategy == "cosine":
-                pix_norm = (pix_t * pix_t).sum(0).sqrt().clamp_min(_EPS)  # |r_i|
-                cos = (old @ pix_t) / (mem_norm[:, None] * pix_norm[None, :])  # [K, n]: cos(r_i, M_k)
-                wmat = onehot * (1.0 - cos)  # Eq 9 (unnormalised), on each pixel's own class only
-                wtot += wmat.sum(1)
-                wsum += wmat @ pix_t.t()  # Eq 10 numerator
+        if cosine:
+            mem_norm = old.norm(dim=1).clamp_min(_EPS)  # |M_k|
+            dots = (rows @ old.t()).reshape(-1)  # r_j . M_k at low resolution, [B*h*w*K]
+            grid = feats.transpose(0, 1)  # [C, B, h, w]
+            nxt_h, nxt_w = _next(h, dev), _next(w, dev)
+            down, right = grid[:, :, nxt_h], grid[:, :, :, nxt_w]
+            diag = down[:, :, :, nxt_w]
+            # inner products of each source with its 2 x 2 neighbours (indices clamped like the taps)
+            n_self = (grid * grid).sum(0).reshape(-1)
+            n_down = (grid * down).sum(0).reshape(-1)
+            n_right = (grid * right).sum(0).reshape(-1)
+            n_cross = ((grid * diag).sum(0) + (down * right).sum(0)).reshape(-1)
+            del down, right, diag
+        flat = labels.reshape(-1)
+        for p0 in range(0, flat.numel(), self.chunk_pixels):
+            lab = flat[p0 : p0 + self.chunk_pixels].long()
+            valid = (lab >= 0) & (lab < k)
+            idx = valid.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            cls = lab[idx]
+            idx = idx + p0
+            img, rem = idx // (H * W), idx % (H * W)
+            y, x = rem // W, rem % W
+            a0, a1, pa, pb = ti0[y], ti1[y], tw0[y], tw1[y]
+            b0, b1, qa, qb = si0[x], si1[x], sw0[x], sw1[x]
+            base = img * (h * w)
+            j00, j01 = base + a0 * w + b0, base + a0 * w + b1
+            j10, j11 = base + a1 * w + b0, base + a1 * w + b1
+            c00, c01, c10, c11 = pa * qa, pa * qb, pb * qa, pb * qb
+            count += torch.bincount(cls, minlength=k).to(count.dtype)
+            slots = torch.cat([cls * m + j00, cls * m + j01, cls * m + j10, cls * m + j11])
+            taps = torch.cat([c00, c01, c10, c11])
+            s_one.index_add_(0, slots, taps)
+            if cosine:
+                # cos(r_i, M_k) of the upsampled pixel without materialising it (Eq 9)
+                dot = (c00 * dots[j00 * k + cls] + c01 * dots[j01 * k + cls]
+                       + c10 * dots[j10 * k + cls] + c11 * dots[j11 * k + cls])
+                left = pa * pa * n_self[j00] + pb * pb * n_self[j10] + 2 * pa * pb * n_down[j00]
+                right_ = pa * pa * n_self[j01] + pb * pb * n_self[j11] + 2 * pa * pb * n_down[j01]
+                pair = pa * pa * n_right[j00] + pb * pb * n_right[j10] + pa * pb * n_cross[j00]
+                sq = qa * qa * left + qb * qb * right_ + 2 * qa * qb * pair
+                norm = sq.clamp_min(0.0).sqrt().clamp_min(_EPS)  # |r_i|
+                weight = 1.0 - dot / (mem_norm[cls] * norm)  # Eq 9 (unnormalised)
+                wtot.index_add_(0, cls, weight)
+                s_cos.index_add_(0, slots, taps * weight.repeat(4))
             if need_random:
-                keep = lab >= 0
-                vpix, vlab = pix_t.t()[keep], lab[keep]
-                score = torch.rand(vlab.shape[0], device=dev)
-                chunk_best = torch.full((k,), -1.0, device=dev).scatter_reduce_(0, vlab, score, "amax")
+                score = torch.rand(cls.shape[0], device=dev)
+                chunk_best = torch.full((k,), -1.0, device=dev).scatter_reduce_(0, cls, score, "amax")
                 improved = chunk_best > best
-                winner = (score == chunk_best[vlab]) & improved[vlab]
-                idx = winner.nonzero().squeeze(1)
-                cand.index_copy_(0, vlab[idx], vpix[idx])
+                win = ((score == chunk_best[cls]) & improved[cls]).nonzero().squeeze(1)
+                pix = (c00[win, None] * rows[j00[win]] + c01[win, None] * rows[j01[win]]
+                       + c10[win, None] * rows[j10[win]] + c11[win, None] * rows[j11[win]])
+                cand.index_copy_(0, cls[win], pix)
                 best = torch.maximum(best, chunk_best)
+        # per-class sums of the upsampled pixels = (per-class source weights) @ R: GEMMs at feature size
+        total = s_one.view(k, m) @ rows  # sum_i r_i
+        wsum = s_cos.view(k, m) @ rows if cosine else torch.zeros(k, c, device=dev)  # Eq 10 numerator
         # exact DDP: reduce the per-class sums (one coalesced all-reduce), not the updated memories
         if is_distributed():
-            flat = torch.cat([count, total.flatten(), wsum.flatten(), wtot])
-            _all_reduce(flat)
-            count, total, wsum, wtot = flat.split([k, k * c, k * c, k])
+            flat_sums = torch.cat([count, total.flatten(), wsum.flatten(), wtot])
+            _all_reduce(flat_sums)
+            count, total, wsum, wtot = flat_sums.split([k, k * c, k * c, k])
             total, wsum = total.view(k, c), wsum.view(k, c)
         present = count > 0
         new = present & ~self.initialized
@@ -205,7 +278,7 @@ class FeatureMemory(nn.Module):
             logger.debug("memory: initialised classes %s (%s)", new.nonzero().flatten().tolist(), self.init)
         if bool(upd.any()):
             mean = total / count.clamp_min(1.0)[:, None]
-            if self.strategy == "cosine":
+            if cosine:
                 ok = wtot > _EPS  # all pixels parallel to M_k -> fall back to the mean
                 target = torch.where(ok[:, None], wsum / wtot.clamp_min(_EPS)[:, None], mean)  # Eq 9-10
             else:

@@ -1,0 +1,160 @@
+"""Group 2 - MCIBI memory update (Eq 6-10): ours against a per-class loop, at K = 19 and K = 150.
+
+C = 512, features [2, 512, 64, 64] (a 512 x 512 crop at output stride 8), two 512 x 512 label maps
+(blocky random labels, 16 x 16 blocks, every class present), all classes initialised (the cosine
+update path). Forms compared, each in its own process (peak RSS growth = extra memory):
+
+* ``loop``: per-class loop as in the reference code: F.interpolate the features to label size, then
+  for each class select its pixels, cosine weights, weighted mean;
+* ``onehot_gemm``: our previous vectorised form (one-hot [K, n] x [n, C] GEMMs over label-size pixel
+  chunks), loaded from ``git show HEAD:ctxseg/models/memory.py`` when that version still has it;
+* ``ours``: ``ctxseg.models.memory.FeatureMemory`` as it is now.
+
+Max abs difference of the updated memory against ``loop`` is reported. The update's share of a full
+training step is in the ``train_step`` group.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import types
+from typing import List
+
+from bench import MIB, PeakMemory, ROOT, median, run_worker, target, worker_main
+
+MODULE = "bench.memory_update"
+
+
+def loop_update(memory, feats, labels, momentum, ignore=255):
+    """Reference-style Eq 6, 8-10: full-size upsampling, then a Python loop over the classes present."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        up = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        up = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])  # [n, C]
+        lab = labels.reshape(-1)
+        new = memory.clone()
+        for k in lab.unique().tolist():
+            if k == ignore or k >= memory.shape[0]:
+                continue
+            pix = up[lab == k]  # [n_k, C]
+            cos = torch.nn.functional.cosine_similarity(pix, memory[k][None], dim=1)
+            w = (1 - cos) / (1 - cos).sum()  # Eq 9
+            new[k] = (1 - momentum) * memory[k] + momentum * (w[:, None] * pix).sum(0)  # Eq 10, Eq 6
+        memory.copy_(new)
+
+
+def _legacy_class():
+    """FeatureMemory of the committed version (HEAD) if it is the one-hot GEMM form, else None."""
+    try:
+        src = subprocess.run(["git", "show", "HEAD:ctxseg/models/memory.py"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "onehot @ pix_t.t()" not in src:
+        return None
+    mod = types.ModuleType("ctxseg_models_memory_head")
+    exec(compile(src, "HEAD:ctxseg/models/memory.py", "exec"), mod.__dict__)
+    return mod.FeatureMemory
+
+
+def _inputs(k, size, label_size, batch=2, c=512):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.relu(torch.randn(batch, c, size, size, generator=g))
+    blocks = torch.randint(0, k, (batch, 1, label_size // 16, label_size // 16), generator=g).float()
+    labels = F.interpolate(blocks, size=(label_size, label_size), mode="nearest")[:, 0].long()
+    flat = labels.view(-1)
+    flat[: k] = torch.arange(k)  # every class present
+    labels[:, :4, :] = 255  # some ignore
+    memory = torch.relu(torch.randn(k, c, generator=g))
+    return feats, labels, memory
+
+
+def _worker(spec: dict) -> dict:
+    import torch
+
+    from ctxseg.models.memory import FeatureMemory
+
+    feats, labels, memory = _inputs(spec["K"], spec["size"], spec["label_size"])
+    impl = spec["impl"]
+    if impl == "loop":
+        mem = memory.clone()
+        fn = lambda: loop_update(mem, feats, labels, 0.5)  # noqa: E731
+        result = lambda: mem  # noqa: E731
+    else:
+        cls = FeatureMemory if impl == "ours" else _legacy_class()
+        if cls is None:
+            return {"error": "the committed memory.py is not the one-hot GEMM form"}
+        m = cls(spec["K"], memory.shape[1], init="mean", update="cosine")
+        m.memory.copy_(memory)
+        m.initialized[:] = True
+        fn = lambda: m.update(feats, labels, 0.5)  # noqa: E731
+        result = lambda: m.memory  # noqa: E731
+    times, peaks = [], []
+    for it in range(spec["iters"]):
+        if impl == "loop":
+            mem.copy_(memory)
+        else:
+            m.memory.copy_(memory)
+        with PeakMemory() as pm:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peaks.append(pm.extra)
+    if spec.get("save"):
+        torch.save(result().clone(), spec["save"])
+    return {"times": times, "peak_bytes": max(peaks[1:] or peaks)}
+
+
+def run(opts) -> dict:
+    import torch
+
+    quick = opts.quick
+    size, label_size = (16, 128) if quick else (64, 512)
+    iters = 2 if quick else 4
+    rows: List[dict] = []
+    tmp = tempfile.mkdtemp(prefix="ctxseg-bench-mem-")
+    impls = ["loop", "onehot_gemm", "ours"]
+    have_legacy = _legacy_class() is not None
+    if not have_legacy:
+        impls.remove("onehot_gemm")
+    targets = []
+    for k in (19, 150):
+        res = {i: [] for i in impls}
+        for r in range(1 if quick else 2):
+            for impl in (impls if r % 2 == 0 else impls[::-1]):
+                save = os.path.join(tmp, f"{impl}{k}.pt") if r == 0 else None
+                res[impl].append(run_worker(MODULE, {"impl": impl, "K": k, "size": size, "label_size": label_size,
+                                                     "iters": iters, "save": save}))
+        errors = [x["error"] for v in res.values() for x in v if "error" in x]
+        if errors:
+            rows.append({"K": k, "error": errors[0][-200:]})
+            continue
+        ref = torch.load(os.path.join(tmp, f"loop{k}.pt"), weights_only=True)
+        t = {i: median(tt for x in res[i] for tt in x["times"][1:]) for i in impls}
+        for impl in impls:
+            out = torch.load(os.path.join(tmp, f"{impl}{k}.pt"), weights_only=True)
+            rows.append({"K": k, "C": 512, "labels": f"2x{label_size}^2", "form": impl, "time_s": t[impl],
+                         "speedup_vs_loop": t["loop"] / t[impl],
+                         "extra_peak_MiB": max(x["peak_bytes"] for x in res[impl]) / MIB,
+                         "max_abs_diff_vs_loop": float((out - ref).abs().max())})
+        if k == 150:
+            sp = t["loop"] / t["ours"]
+            targets.append(target("memory update K=150 vs per-class loop", ">= 5x", round(sp, 1), sp >= 5))
+            mine = max(x["peak_bytes"] for x in res["ours"]) / MIB
+            full = 2 * 512 * label_size * label_size * 4 / MIB
+            targets.append(target("memory update extra memory bounded", "no label-size B x C x H x W map",
+                                  f"{mine:.0f} MiB (full map {full:.0f} MiB)", mine < full / 4))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"rows": rows, "targets": targets, "timed_runs": f"2 processes x {iters - 1} (first of each is warm-up)"}
+
+
+if __name__ == "__main__":
+    worker_main(_worker)

@@ -1,0 +1,314 @@
+"""Group 4 - pipeline overheads, measured in a throw-away copy of the project (like the tests'
+``make_project``): a fresh git + DVC repo holding ``ctxseg/``, ``pipeline/``, ``dvc.yaml`` and a
+``params.yaml`` that trains only ``fcn`` on the default synthetic data and runs no sweep.
+
+* full ``dvc repro`` once (1 epoch), then the no-op ``dvc repro`` wall time (median of 3);
+* Ray Train vs plain process on identical work: ``python -m pipeline.train --model fcn`` (Ray Train,
+  MLflow, checkpoints: the production stage) against ``python -m bench.pipeline --worker`` running
+  the same ``ctxseg.engine`` loop (same params, loaders, seed, validation and per-epoch checkpoint
+  files) without Ray or MLflow. The epoch count is calibrated to about ``--work-s`` seconds of
+  plain work (120 by default). Reported: whole-process wall times and the in-loop epoch seconds;
+* MLflow logging cost per logged step (the train stage's rank-0 tracker, SQLite store), against the
+  training step time;
+* data loading throughput (the train transform, ``num_loader_workers`` as in params) against the
+  training throughput.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List
+
+import yaml
+
+from bench import ROOT, median, run_worker, target, worker_main
+
+MODULE = "bench.pipeline"
+PROJECT_FILES = ("ctxseg", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1"})
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "CTXSEG_ROOT"):
+        env.pop(k, None)
+    return env
+
+
+def make_project(dest: Path, overrides: dict) -> Path:
+    from ctxseg.config import deep_merge
+
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for rel in PROJECT_FILES:
+        src = ROOT / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=ignore)
+        elif src.exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    params["models"] = {"fcn": {"context": "none"}}
+    params.setdefault("tune", {})["sweeps"] = {}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=ctxseg-bench", "-c", "user.email=bench@ctxseg.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "bench project"], cwd=dest, check=True)
+    return dest
+
+
+def _sh(cmd: List[str], cwd: Path, timeout: float = 1800):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    return dt, proc
+
+
+# ----------------------------------------------------------------------------- workers
+def _plain_train(spec: dict) -> dict:
+    """The train stage's per-worker loop without Ray/MLflow (rank 0 of 1)."""
+    t_start = time.perf_counter()
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ctxseg.config import load_params
+    from ctxseg.data import SegmentationDataset
+    from ctxseg.data.transforms import build_eval_transform, build_train_transform
+    from ctxseg.engine import (TrainState, build_optimizer, checkpoint_payload, seed_everything,
+                               train_one_epoch, validate)
+    from ctxseg.models import build_segmentor
+
+    params = load_params(Path(spec["params"]))
+    prepared = Path(spec["prepared"])
+    cfg = params.model_config_of("fcn")
+    torch.set_num_threads(max(1, int(params.scaling.cpus_per_worker)))
+    seed_everything(params.seed * 1000)
+    train_set = SegmentationDataset(prepared, "train", build_train_transform(params.data))
+    val_set = SegmentationDataset(prepared, "val", build_eval_transform(params.data))
+    num_classes = int(train_set.meta["num_classes"])
+    bs = params.train.batch_size
+    loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) >= bs,
+                        num_workers=params.data.num_loader_workers,
+                        generator=torch.Generator().manual_seed(params.seed),
+                        persistent_workers=params.data.num_loader_workers > 0)
+    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, num_workers=0)
+    model = build_segmentor(cfg, num_classes)
+    opt = build_optimizer(model, params.train)
+    state = TrainState()
+    epochs = int(spec.get("epochs") or params.train.epochs)
+    total = epochs * len(loader)
+    in_loop = 0.0
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="ctxseg-bench-plain-"))
+    t_loop = time.perf_counter()
+    epoch_loop = []
+    for epoch in range(epochs):
+        t_epoch = time.perf_counter()
+        summary = train_one_epoch(model, loader, opt, state, params.train, total)
+        in_loop += summary["epoch_seconds"]
+        state.epoch = epoch + 1
+        metrics = {"epoch": state.epoch}
+        if state.epoch % params.train.val_every == 0 or state.epoch == epochs:
+            metrics.update(validate(model, val_loader, num_classes))
+        state.history.append({"epoch": state.epoch})
+        torch.save(checkpoint_payload(model, opt, state), ckpt_dir / "state.pt")
+        epoch_loop.append(time.perf_counter() - t_epoch)
+    loop_s = time.perf_counter() - t_loop
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {"in_loop_s": in_loop, "loop_s": loop_s, "epoch_loop_s": epoch_loop, "process_s": time.perf_counter() - t_start,
+            "iterations": state.iteration, "epochs": epochs, "step_s": in_loop / max(state.iteration, 1),
+            "train_images_per_s": state.iteration * bs / max(in_loop, 1e-9)}
+
+
+def _loader(spec: dict) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ctxseg.config import load_params
+    from ctxseg.data import SegmentationDataset
+    from ctxseg.data.transforms import build_train_transform
+
+    params = load_params(Path(spec["params"]))
+    torch.set_num_threads(max(1, int(params.scaling.cpus_per_worker)))
+    ds = SegmentationDataset(Path(spec["prepared"]), "train", build_train_transform(params.data))
+    loader = DataLoader(ds, batch_size=params.train.batch_size, shuffle=True,
+                        num_workers=params.data.num_loader_workers)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(spec.get("epochs", 2)):
+        for images, _labels in loader:
+            n += images.shape[0]
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt}
+
+
+def _mlflow(spec: dict) -> dict:
+    import mlflow
+
+    from pipeline.train import _RankZeroTracker
+
+    uri = spec["tracking_uri"]
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment(f"bench-{os.getpid()}-{time.time_ns()}")
+    run_id = client.create_run(exp).info.run_id
+    tracker = _RankZeroTracker({"tracking_uri": uri, "run_id": run_id, "system_metrics": False})
+    record = {"loss": 1.0, "loss_o": 0.5, "loss_aux": 0.3, "lr": 0.01, "images_per_s": 20.0,
+              "loss_w": 0.2, "loss_m": 0.1, "memory_momentum": 0.8}
+    times = []
+    for step in range(spec["n"]):
+        t0 = time.perf_counter()
+        tracker.log_metrics(record, step=step)
+        times.append(time.perf_counter() - t0)
+    tracker.close()
+    return {"per_call_s": median(times[2:] or times), "calls": len(times), "metrics_per_call": len(record)}
+
+
+def _noop_loop(config: dict) -> None:
+    import ray.train
+
+    ray.train.report({"done": 1})
+
+
+def _ray_fixed(spec: dict) -> dict:
+    """Where the Ray stage's fixed cost goes: imports, ``ray.init``, a TorchTrainer fit of a no-op loop."""
+    t0 = time.perf_counter()
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import mlflow  # noqa: F401  (the stage imports it too)
+    from ctxseg.config import load_params
+    from pipeline import common
+
+    t_import = time.perf_counter() - t0
+    params = load_params(Path(spec["params"]))
+    t1 = time.perf_counter()
+    common.init_ray(params)
+    t_init = time.perf_counter() - t1
+    storage = tempfile.mkdtemp(prefix="ctxseg-bench-ray-")
+    t2 = time.perf_counter()
+    TorchTrainer(_noop_loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="noop", storage_path=storage)).fit()
+    t_fit = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    ray.shutdown()
+    t_down = time.perf_counter() - t3
+    shutil.rmtree(storage, ignore_errors=True)
+    return {"import_s": t_import, "ray_init_s": t_init, "noop_fit_s": t_fit, "shutdown_s": t_down}
+
+
+def _worker(spec: dict) -> dict:
+    return {"plain": _plain_train, "loader": _loader, "mlflow": _mlflow, "ray_fixed": _ray_fixed}[spec["job"]](spec)
+
+
+# ----------------------------------------------------------------------------- driver
+def run(opts) -> dict:
+    quick = opts.quick
+    work_s = opts.work_s if not quick else 10.0
+    base = Path(tempfile.mkdtemp(prefix="ctxseg-bench-pipeline-"))
+    rows: List[dict] = []
+    targets: List[dict] = []
+    data = ({"synthetic": {"num_train": 16, "num_val": 4, "image_size": 96, "min_cue_distance": 32},
+             "augment": {"crop_size": [96, 96]}} if quick else {})
+    overrides = {"data": data,
+                 "train": {"epochs": 1, "batch_size": 4 if quick else 8},
+                 "scaling": {"num_workers": 1},
+                 "evaluate": {"scales": [0.75, 1.0], "num_visualisations": 1}}
+    proj = make_project(base / "project", overrides)
+    # With no sweep the tune stage does not create its persisted output tune/ray, and the next
+    # `dvc repro` then fails ("output 'tune/ray' does not exist"); pre-create it (persisted outputs
+    # are not removed before the stage runs).
+    (proj / "tune" / "ray").mkdir(parents=True, exist_ok=True)
+    try:
+        full_s, _ = _sh([sys.executable, "-m", "dvc", "repro"], proj)
+        noop = []
+        for _ in range(3):
+            dt, proc = _sh([sys.executable, "-m", "dvc", "repro"], proj)
+            noop.append(dt)
+        noop_s = median(noop)
+        rows.append({"measure": "dvc repro, full (tiny study, 1 epoch)", "value": f"{full_s:.1f} s"})
+        rows.append({"measure": "dvc repro, no-op (median of 3)", "value": f"{noop_s:.2f} s",
+                     "ratio": f"{noop_s / full_s:.3f} of the full repro"})
+        targets.append(target("no-op dvc repro", "<= 5 s", f"{noop_s:.2f} s", noop_s <= 5.0))
+
+        params_path = proj / "params.yaml"
+        prepared = proj / "data" / "prepared" / "synthetic"
+        # calibrate: three plain epochs (median of the 2nd and 3rd: the first warms up)
+        cal = run_worker(MODULE, {"job": "plain", "params": str(params_path), "prepared": str(prepared),
+                                  "epochs": 3}, fixed_mmap=False)
+        if "error" in cal:
+            raise RuntimeError(cal["error"])
+        epoch_s = median(cal["epoch_loop_s"][1:] or cal["epoch_loop_s"])
+        epochs = int(max(2, min(100, round(work_s / max(epoch_s, 1e-3)))))
+        bench_params = yaml.safe_load(params_path.read_text())
+        bench_params["train"]["epochs"] = epochs
+        bp = proj / "params_bench.yaml"
+        bp.write_text(yaml.safe_dump(bench_params, sort_keys=False))
+        plain = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)}, fixed_mmap=False)
+        t0 = time.perf_counter()
+        _sh([sys.executable, "-m", "pipeline.train", "--model", "fcn", "--params", str(bp)], proj)
+        ray_wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        plain2 = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)},
+                            fixed_mmap=False)
+        plain_wall2 = time.perf_counter() - t1
+        run_json = json.loads((proj / "models" / "fcn" / "run.json").read_text())
+        ray_in_loop = sum(h.get("train_epoch_seconds", 0.0) for h in run_json.get("history", []))
+        plain_loop = median([plain["in_loop_s"], plain2["in_loop_s"]])
+        overhead = ray_wall / plain_wall2 - 1.0
+        rows.append({"measure": f"plain process, {epochs} epochs x {plain['iterations'] // epochs} it (whole process)",
+                     "value": f"{plain_wall2:.1f} s", "ratio": f"in-loop {plain_loop:.1f} s (median of 2 runs)"})
+        rows.append({"measure": "Ray Train stage (python -m pipeline.train, whole process)", "value": f"{ray_wall:.1f} s",
+                     "ratio": f"in-loop {ray_in_loop:.1f} s"})
+        rows.append({"measure": "Ray Train overhead, whole process", "value": f"{100 * overhead:.1f} %",
+                     "ratio": f"{ray_wall:.1f} / {plain_wall2:.1f} s"})
+        rows.append({"measure": "Ray Train overhead, in-loop (per-step)",
+                     "value": f"{100 * (ray_in_loop / plain_loop - 1):.1f} %",
+                     "ratio": f"fixed cost {ray_wall - plain_wall2 - (ray_in_loop - plain_loop):.1f} s"})
+        targets.append(target("Ray Train vs plain process (~2 min of work)", "<= 15% overhead",
+                              f"{100 * overhead:.1f}%", overhead <= 0.15,
+                              f"work {plain_wall2:.0f} s plain; in-loop {100 * (ray_in_loop / plain_loop - 1):.1f}%"))
+
+        rf = run_worker(MODULE, {"job": "ray_fixed", "params": str(bp)}, fixed_mmap=False)
+        if "error" not in rf:
+            rows.append({"measure": "Ray fixed cost: imports / ray.init / no-op TorchTrainer.fit / shutdown",
+                         "value": f"{rf['import_s']:.1f} / {rf['ray_init_s']:.1f} / {rf['noop_fit_s']:.1f} / "
+                                  f"{rf['shutdown_s']:.1f} s",
+                         "ratio": f"{100 * (rf['ray_init_s'] + rf['noop_fit_s']) / plain_wall2:.0f}% of the plain run"})
+        ml = run_worker(MODULE, {"job": "mlflow", "tracking_uri": f"sqlite:///{base / 'mlflow_bench.db'}",
+                                 "n": 12 if quick else 40}, fixed_mmap=False)
+        step_s = plain2["step_s"]
+        log_every = bench_params["train"].get("log_every", 5)
+        rows.append({"measure": "MLflow log_batch per logged step (8 metrics, SQLite)",
+                     "value": f"{1000 * ml['per_call_s']:.1f} ms",
+                     "ratio": f"{100 * ml['per_call_s'] / step_s:.1f}% of one step; "
+                              f"{100 * ml['per_call_s'] / (step_s * log_every):.2f}% amortised (log_every={log_every})"})
+        ld = run_worker(MODULE, {"job": "loader", "params": str(bp), "prepared": str(prepared),
+                                 "epochs": 1 if quick else 3}, fixed_mmap=False)
+        tr_ips = plain2["train_images_per_s"]
+        load_ratio = ld["images_per_s"] / tr_ips
+        rows.append({"measure": "data loading (train transform, num_loader_workers from params)",
+                     "value": f"{ld['images_per_s']:.0f} img/s",
+                     "ratio": f"{load_ratio:.1f}x the training throughput ({tr_ips:.1f} img/s incl. loading)"})
+        targets.append(target("data loader never the bottleneck", "loader img/s > training img/s",
+                              f"{load_ratio:.1f}x", load_ratio > 1.0,
+                              f"loading is {100 * tr_ips / ld['images_per_s']:.0f}% of a step with 0 loader workers"))
+        return {"rows": rows, "targets": targets, "epochs": epochs, "work_s_target": work_s,
+                "noop_runs_s": noop, "plain": [plain, plain2], "ray_wall_s": ray_wall, "ray_in_loop_s": ray_in_loop,
+                "ray_fixed": rf, "mlflow": ml, "loader": ld}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    worker_main(_worker)

@@ -1,0 +1,47 @@
+"""Smoke test of the benchmark harness: it runs on tiny sizes and writes valid JSON and markdown.
+
+No timing assertions: benchmarks report figures, they do not pass or fail on speed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_writes_valid_results(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "train_step,evaluation,gpu", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    assert set(data["groups"]) == {"train_step", "evaluation", "gpu"}
+    for name in ("train_step", "evaluation"):
+        group = data["groups"][name]
+        assert "error" not in group, group.get("error")
+        assert group["rows"], name
+    shares = [v for k, v in data["groups"]["train_step"]["rows"][0].items() if k.endswith(" %")]
+    assert abs(sum(shares) - 100.0) < 1e-6
+    gpu = data["groups"]["gpu"]
+    assert gpu.get("skipped") or gpu["rows"]  # skips cleanly without CUDA
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "python -m bench --quick" in md and "## train_step" in md
+
+
+def test_attention_worker_and_helpers():
+    from bench import markdown_table, run_worker
+    from bench.attention import _predict
+
+    res = run_worker("bench.attention", {"kind": "acf", "impl": "explicit", "size": 8, "batch": 1, "iters": 1})
+    assert "error" not in res, res
+    assert len(res["times"]) == 1 and res["peak_bytes"] >= 0
+    # quadratic peak model: exact on a*N^2 + b*N
+    pts = {s: 3 * (s * s) ** 2 + 5 * s * s for s in (16, 32)}
+    assert abs(_predict(pts, 64) - (3 * 4096 ** 2 + 5 * 4096)) < 1e-3 * 3 * 4096 ** 2
+    assert "| a |" in markdown_table([{"a": 1.0}])
