@@ -54,6 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     common.setup_logging()
+    _quiet_ray_report_log()
     params = parse_params(config["params"])
     model_name = config["model_name"]
     cfg = params.model_config_of(model_name)
@@ -161,6 +162,17 @@ def train_loop_per_worker(config: dict) -> None:
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train V2 logs every report with all its metrics at INFO from a logger named after its
+    source file (so LoggingConfig does not reach it); our epoch line already says it once."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logs
+        pass
 
 
 def memory_rank_spread(model: torch.nn.Module) -> Optional[float]:
