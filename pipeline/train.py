@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from ctxseg.config import ConfigError, Params, flatten, params_to_dict, parse_params
+from ctxseg.config import Params, flatten, params_to_dict, parse_params
 from ctxseg.engine import (
     NonFiniteLossError,
     TrainState,
@@ -75,14 +75,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
-    payload = None
+    candidates = []
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            payload = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-    elif config.get("fallback_checkpoint"):
-        # The driver was stopped after a checkpoint was written but before Ray recorded it.
-        payload = torch.load(Path(config["fallback_checkpoint"]) / CHECKPOINT_FILE, map_location=device,
-                             weights_only=True)
+            candidates.append(torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True))
+    if config.get("fallback_checkpoint"):
+        # A driver stopped after a checkpoint was written but before Ray recorded it leaves a newer
+        # checkpoint on disk than the one Ray offers: resume from whichever is further along.
+        candidates.append(torch.load(Path(config["fallback_checkpoint"]) / CHECKPOINT_FILE, map_location=device,
+                                     weights_only=True))
+    payload = max(candidates, key=lambda p: p["state"]["iteration"], default=None)
     if payload is not None:
         state = restore_from_payload(payload, model, optimizer)
         if scaler is not None and "scaler" in payload:
@@ -242,6 +244,7 @@ class _RankZeroTracker:
 
         self.client = MlflowClient(config["tracking_uri"])
         self.run_id = config["run_id"]
+        self.logged_steps: dict[str, set[int]] = {}
         self.monitor = None
         if config.get("system_metrics"):
             try:
@@ -254,11 +257,24 @@ class _RankZeroTracker:
                 log.warning("system metrics disabled: %s", err)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Log a point per metric, skipping (metric, step) pairs a previous attempt already logged: a
+        resumed run replays the epochs after its checkpoint, with identical values (the RNG state is
+        restored), so the history keeps one point per step."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = []
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)):
+                continue
+            if key not in self.logged_steps:
+                self.logged_steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            if step in self.logged_steps[key]:
+                continue
+            self.logged_steps[key].add(step)
+            batch.append(Metric(key, float(value), now, step))
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_checkpoint(self, directory: Path) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path="checkpoint")
