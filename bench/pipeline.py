@@ -27,43 +27,12 @@ from typing import List
 
 import yaml
 
-from bench import ROOT, median, run_worker, target, worker_main
+from bench import median, run_worker, target, worker_main
+from pipeline.scratch import make_project, pipeline_env
 
 MODULE = "bench.pipeline"
-PROJECT_FILES = ("ctxseg", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml")
-
-
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
-                "PYTHONUNBUFFERED": "1"})
-    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "CTXSEG_ROOT"):
-        env.pop(k, None)
-    return env
-
-
-def make_project(dest: Path, overrides: dict) -> Path:
-    from ctxseg.config import deep_merge
-
-    dest.mkdir(parents=True, exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for rel in PROJECT_FILES:
-        src = ROOT / rel
-        if src.is_dir():
-            shutil.copytree(src, dest / rel, ignore=ignore)
-        elif src.exists():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    params["models"] = {"fcn": {"context": "none"}}
-    params.setdefault("tune", {})["sweeps"] = {}
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=ctxseg-bench", "-c", "user.email=bench@ctxseg.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "bench project"], cwd=dest, check=True)
-    return dest
+    return pipeline_env()
 
 
 def _sh(cmd: List[str], cwd: Path, timeout: float = 1800):

@@ -26,6 +26,7 @@ import copy
 import difflib
 import itertools
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -568,8 +569,8 @@ if __name__ == "__main__":
 
             write_text(args.out, text)
         else:
-            print(text)
+            sys.stdout.write(text)
     elif args.readme:
         update_readme(args.readme)
     else:
-        print(params_reference_markdown())
+        sys.stdout.write(params_reference_markdown() + "\n")

@@ -78,12 +78,11 @@ def train_loop_per_worker(config: dict) -> None:
     candidates = []
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            candidates.append(torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True))
+            candidates.append(load_state(Path(ckpt_dir), device))
     if config.get("fallback_checkpoint"):
         # A driver stopped after a checkpoint was written but before Ray recorded it leaves a newer
         # checkpoint on disk than the one Ray offers: resume from whichever is further along.
-        candidates.append(torch.load(Path(config["fallback_checkpoint"]) / CHECKPOINT_FILE, map_location=device,
-                                     weights_only=True))
+        candidates.append(load_state(Path(config["fallback_checkpoint"]), device))
     payload = max(candidates, key=lambda p: p["state"]["iteration"], default=None)
     if payload is not None:
         state = restore_from_payload(payload, model, optimizer)
@@ -164,6 +163,11 @@ def train_loop_per_worker(config: dict) -> None:
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def load_state(checkpoint_dir: Path, device: torch.device | str = "cpu") -> dict:
+    """The training state saved in a checkpoint folder (tensors and plain data only)."""
+    return torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
 def _quiet_ray_report_log() -> None:
@@ -424,7 +428,7 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
         raise RuntimeError(f"[{model_name}] training finished without a checkpoint")
 
     with result.checkpoint.as_directory() as ckpt_dir:
-        payload = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        payload = load_state(Path(ckpt_dir))
     state = TrainState(**payload["state"])
     final = {"model": payload["model"], "model_config": cfg.model_dump(mode="json"), "model_name": model_name,
              "num_classes": num_classes, "dataset": params.data.name, "class_names": list(meta["class_names"])}
@@ -452,7 +456,7 @@ def latest_checkpoint_on_disk(run_dir: Path) -> Optional[Path]:
     best, best_epoch = None, -1
     for candidate in sorted(run_dir.glob("checkpoint_*")):
         try:
-            payload = torch.load(candidate / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            payload = load_state(candidate)
         except Exception:  # a half-copied checkpoint: skip it
             continue
         epoch = int(payload["state"]["epoch"])
