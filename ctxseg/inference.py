@@ -107,25 +107,10 @@ def predict_single_and_multi(
     pass is shared with the multi-scale average (no extra forward). ``scales=None`` (or ``[]``)
     returns ``(single, None)``.
     """
-    h, w = images.shape[-2:]
     single = _one_pass(model, images, mode, crop_size, stride)
     if not scales:
         return single, None
-    total = torch.zeros_like(single)
-    n = 0
-    for scale in scales:
-        scaled = _scaled(images, float(scale))
-        for flipped in ([False, True] if flip else [False]):
-            if float(scale) == 1.0 and not flipped:
-                probs = single
-            else:
-                probs = _one_pass(model, scaled.flip(-1) if flipped else scaled, mode, crop_size, stride)
-                if flipped:
-                    probs = probs.flip(-1)
-                probs = resize_probs(probs, (h, w))
-            total += probs
-            n += 1
-    return single, total / n
+    return single, _average_passes(model, images, scales, flip, mode, crop_size, stride, identity=single)
 
 
 @torch.no_grad()
@@ -142,19 +127,28 @@ def predict_probs(
     """Probabilities averaged over ``scales`` × (identity, horizontal flip if ``flip``)."""
     if not scales:
         raise ValueError("scales must hold at least one scale")
+    return _average_passes(model, images, scales, flip, mode, crop_size, stride)
+
+
+def _average_passes(model, images, scales, flip, mode, crop_size, stride,
+                    identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean probabilities over ``scales`` × (identity, flip), each resized to the input resolution;
+    ``identity`` (the scale-1.0 unflipped result, if already computed) is reused instead of recomputed."""
     h, w = images.shape[-2:]
     total: Optional[torch.Tensor] = None
     n = 0
     for scale in scales:
         scaled = _scaled(images, float(scale))
         for flipped in ([False, True] if flip else [False]):
-            probs = _one_pass(model, scaled.flip(-1) if flipped else scaled, mode, crop_size, stride)
-            if flipped:
-                probs = probs.flip(-1)
-            probs = resize_probs(probs, (h, w))
+            if identity is not None and float(scale) == 1.0 and not flipped:
+                probs = identity
+            else:
+                probs = _one_pass(model, scaled.flip(-1) if flipped else scaled, mode, crop_size, stride)
+                if flipped:
+                    probs = probs.flip(-1)
+                probs = resize_probs(probs, (h, w))
             total = probs if total is None else total + probs
             n += 1
-    assert total is not None
     return total / n
 
 

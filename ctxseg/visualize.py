@@ -137,8 +137,8 @@ def pca_2d(x: np.ndarray, fit: Optional[np.ndarray] = None) -> tuple[np.ndarray,
 # --------------------------------------------------------------------------------------------- figures
 
 
-def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], title: str = "Per-class IoU"):
-    """Grouped horizontal bars: one group per class, one bar per model (IoU in %; missing = no bar)."""
+def _grouped_class_bars(series: Mapping[str, Mapping[str, Optional[float]]]):
+    """Horizontal bars, one group per class and one bar per series (fractions drawn as %; None/NaN = no bar)."""
     plt = pyplot()
     names = list(series)
     classes = list(next(iter(series.values()))) if series else []
@@ -151,6 +151,12 @@ def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], ti
         values = [np.nan if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in values]
         ax.barh(y + i * height, values, height, label=name)
     ax.set_yticks(y + 0.4 - height / 2, classes)
+    return fig, ax
+
+
+def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], title: str = "Per-class IoU"):
+    """Grouped horizontal bars: one group per class, one bar per model (IoU in %; missing = no bar)."""
+    fig, ax = _grouped_class_bars(series)
     ax.invert_yaxis()
     ax.set_xlabel("IoU (%)")
     ax.set_xlim(0, 100)
@@ -165,18 +171,8 @@ def per_class_delta_figure(deltas: Mapping[str, Mapping[str, Optional[float]]], 
                            highlight: Sequence[str] = ()):
     """Per-class IoU change (points) of each context model against ``baseline``; ``highlight``ed
     classes (e.g. those only context can tell apart) get bold labels."""
-    plt = pyplot()
     names = list(deltas)
-    classes = list(next(iter(deltas.values()))) if deltas else []
-    n = max(len(names), 1)
-    height = 0.8 / n
-    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.22 * len(classes) * max(1, n / 1.5) + 1)))
-    y = np.arange(len(classes))
-    for i, name in enumerate(names):
-        values = [deltas[name].get(c) for c in classes]
-        values = [np.nan if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in values]
-        ax.barh(y + i * height, values, height, label=name)
-    ax.set_yticks(y + 0.4 - height / 2, classes)
+    fig, ax = _grouped_class_bars(deltas)
     for label in ax.get_yticklabels():
         if label.get_text() in highlight:
             label.set_fontweight("bold")
