@@ -214,7 +214,7 @@ def run(opts) -> dict:
         prepared = proj / "data" / "prepared" / "synthetic"
         # calibrate: three plain epochs (median of the 2nd and 3rd: the first warms up)
         cal = run_worker(MODULE, {"job": "plain", "params": str(params_path), "prepared": str(prepared),
-                                  "epochs": 3}, fixed_mmap=False)
+                                  "epochs": 3})
         if "error" in cal:
             raise RuntimeError(cal["error"])
         epoch_s = median(cal["epoch_loop_s"][1:] or cal["epoch_loop_s"])
@@ -223,13 +223,12 @@ def run(opts) -> dict:
         bench_params["train"]["epochs"] = epochs
         bp = proj / "params_bench.yaml"
         bp.write_text(yaml.safe_dump(bench_params, sort_keys=False))
-        plain = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)}, fixed_mmap=False)
+        plain = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)})
         t0 = time.perf_counter()
         _sh([sys.executable, "-m", "pipeline.train", "--model", "fcn", "--params", str(bp)], proj)
         ray_wall = time.perf_counter() - t0
         t1 = time.perf_counter()
-        plain2 = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)},
-                            fixed_mmap=False)
+        plain2 = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)})
         plain_wall2 = time.perf_counter() - t1
         run_json = json.loads((proj / "models" / "fcn" / "run.json").read_text())
         ray_in_loop = sum(h.get("train_epoch_seconds", 0.0) for h in run_json.get("history", []))
@@ -248,14 +247,14 @@ def run(opts) -> dict:
                               f"{100 * overhead:.1f}%", overhead <= 0.15,
                               f"work {plain_wall2:.0f} s plain; in-loop {100 * (ray_in_loop / plain_loop - 1):.1f}%"))
 
-        rf = run_worker(MODULE, {"job": "ray_fixed", "params": str(bp)}, fixed_mmap=False)
+        rf = run_worker(MODULE, {"job": "ray_fixed", "params": str(bp)})
         if "error" not in rf:
             rows.append({"measure": "Ray fixed cost: imports / ray.init / no-op TorchTrainer.fit / shutdown",
                          "value": f"{rf['import_s']:.1f} / {rf['ray_init_s']:.1f} / {rf['noop_fit_s']:.1f} / "
                                   f"{rf['shutdown_s']:.1f} s",
                          "ratio": f"{100 * (rf['ray_init_s'] + rf['noop_fit_s']) / plain_wall2:.0f}% of the plain run"})
         ml = run_worker(MODULE, {"job": "mlflow", "tracking_uri": f"sqlite:///{base / 'mlflow_bench.db'}",
-                                 "n": 12 if quick else 40}, fixed_mmap=False)
+                                 "n": 12 if quick else 40})
         step_s = plain2["step_s"]
         log_every = bench_params["train"].get("log_every", 5)
         rows.append({"measure": "MLflow log_batch per logged step (8 metrics, SQLite)",
@@ -263,7 +262,7 @@ def run(opts) -> dict:
                      "ratio": f"{100 * ml['per_call_s'] / step_s:.1f}% of one step; "
                               f"{100 * ml['per_call_s'] / (step_s * log_every):.2f}% amortised (log_every={log_every})"})
         ld = run_worker(MODULE, {"job": "loader", "params": str(bp), "prepared": str(prepared),
-                                 "epochs": 1 if quick else 3}, fixed_mmap=False)
+                                 "epochs": 1 if quick else 3})
         tr_ips = plain2["train_images_per_s"]
         load_ratio = ld["images_per_s"] / tr_ips
         rows.append({"measure": "data loading (train transform, num_loader_workers from params)",
