@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,9 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
     assert [m.source_run_id for m in logged] == [mlrun.info.run_id]
     reloaded = mlflow.pytorch.load_model(logged[0].model_uri)
+    requirements = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{logged[0].artifact_location}/requirements.txt")).read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split() and "ctxseg==" in requirements
     with torch.no_grad():
         assert reloaded(torch.zeros(1, 3, 40, 40))["logits"].shape == (1, len(metrics["per_class_iou"]), 40, 40)
     assert mlrun.data.metrics["eval_mIoU"] == pytest.approx(metrics["mIoU"])
