@@ -7,12 +7,13 @@ Groups (one module each): ``attention``, ``memory_update``, ``train_step``, ``pi
 ``evaluation``, ``gpu``. Each exposes ``run(opts) -> dict`` with ``rows`` (the table) and ``targets``
 (the issue's targets with the measured value and met / missed).
 
-Each measurement runs in a fresh subprocess. Its timed runs use the normal allocator (what users get);
-then :func:`fixed_mmap_threshold` switches glibc to a fixed mmap threshold, so freed large blocks go
-back to the OS, and one more run measures memory: the growth of the process's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs``) over its resident set just before the step. (Timing
-under the fixed threshold would charge page faults to every large allocation, penalising code that
-allocates per block.) On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+Timed runs and memory runs happen in separate fresh subprocesses. Timed runs use the normal allocator
+(what users get). A memory run starts with a fixed glibc mmap threshold (``MEMORY_RUN_ENV``), so freed
+large blocks go back to the OS, and measures the growth of the process's peak resident set (``VmHWM``,
+reset through ``/proc/self/clear_refs``) over its resident set just before the step. (Timing under the
+fixed threshold would charge page faults to every large allocation, penalising code that allocates per
+block; switching it at run time leaves the earlier heap behind and over-counts.) On CUDA,
+``torch.cuda.max_memory_allocated`` is used instead.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ BENCH_DIR = ROOT / "bench"
 GIB = 1 << 30
 MIB = 1 << 20
 
-# glibc mallopt parameters and the fixed threshold of fixed_mmap_threshold()
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-FIXED_MMAP_BYTES = 128 << 10
+# For memory runs: a fixed glibc mmap threshold from process start, so allocations above 128 KiB are
+# mmapped and returned on free and the resident set tracks live memory.
+MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def median(values: Iterable[float]) -> float:
@@ -63,21 +64,6 @@ def reset_peak_rss() -> bool:
             fh.write("5")
         return True
     except OSError:
-        return False
-
-
-def fixed_mmap_threshold() -> bool:
-    """From now on, allocations above 128 KiB are mmapped and returned to the OS when freed, so the
-    resident set tracks live memory (for :class:`PeakMemory`); the free heap is trimmed first.
-    False where glibc is not available (the measured peaks then over-count freed memory)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, FIXED_MMAP_BYTES)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, FIXED_MMAP_BYTES))
-    except (OSError, AttributeError):
         return False
 
 
@@ -131,9 +117,12 @@ def interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
     return out
 
 
-def run_worker(module: str, spec: dict, timeout: float = 1800) -> dict:
-    """Run ``python -m <module> --worker '<json>'`` in a fresh process; return the JSON it prints last."""
+def run_worker(module: str, spec: dict, timeout: float = 1800, memory_run: bool = False) -> dict:
+    """Run ``python -m <module> --worker '<json>'`` in a fresh process; return the JSON it prints last.
+    ``memory_run``: with ``MEMORY_RUN_ENV`` (for :class:`PeakMemory`; never time such a process)."""
     env = dict(os.environ)
+    if memory_run:
+        env.update(MEMORY_RUN_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

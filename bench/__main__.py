@@ -29,13 +29,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _loadavg(values) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
 def render(results: dict) -> str:
     out = ["# ctxseg benchmarks\n",
            f"Command: `{results['command']}`  \nDate: {results['date']}  \n"
            f"Machine: {results['machine']}\n",
            "Every figure is a ratio of two things measured side by side in the same run (medians of "
-           "interleaved repeats), or a count. Other jobs shared the CPU (load average in the JSON), so "
-           "absolute seconds are noisy; ratios less so.\n"]
+           "interleaved repeats), or a count. Absolute seconds depend on what else the machine ran "
+           f"(load average at the start {_loadavg(results['info'].get('loadavg'))}, at the end "
+           f"{_loadavg(results['info'].get('loadavg_end'))}); ratios much less.\n"]
     targets = []
     for name in GROUPS:
         g = results["groups"].get(name)

@@ -7,8 +7,8 @@
 batch 2, forward + backward of the whole module (identical convs; only the attention kernel differs:
 ``dca.flat_attention`` / ``acf.mos_attention`` are swapped for the explicit form, which stores the
 N x N (DCA) or N x N/4 per mixture (ACF) matrix like the public reference code). Each measurement
-runs in its own process: timed runs first (the first of several is a warm-up), then one run for
-peak memory (see ``bench/__init__.py``).
+runs in fresh processes: one for the timed runs (the first of several is a warm-up), one for a run
+measuring peak memory (see ``bench/__init__.py``).
 
 The explicit form is only run where its peak, predicted from the smaller sizes (quadratic in N),
 fits under ``--mem-cap-gib``; otherwise it is reported as "does not fit".
@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-from bench import GIB, MIB, PeakMemory, fixed_mmap_threshold, median, run_worker, target, worker_main
+from bench import GIB, MIB, PeakMemory, median, run_worker, target, worker_main
 
 MODULE = "bench.attention"
 
@@ -89,27 +89,31 @@ def _worker(spec: dict) -> dict:
         sync()
         return out
 
-    times = []
-    for _ in range(int(spec.get("iters", 1))):  # timed, normal allocator
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    if dev == "cpu":
-        fixed_mmap_threshold()
+    if spec.get("mode") != "memory":
+        times = []
+        for _ in range(int(spec.get("iters", 1))):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return {"times": times}
     torch.manual_seed(0)  # the same dropout masks in every implementation's saved output
-    with PeakMemory(dev) as pm:  # one more run for memory
+    with PeakMemory(dev) as pm:
         out = step()
     if spec.get("save"):
         torch.save({"out": out.detach().cpu(), "grad": feats.grad.detach().cpu()}, spec["save"])
-    return {"times": times, "peak_bytes": pm.extra}
+    return {"peak_bytes": pm.extra}
 
 
 # ----------------------------------------------------------------------------- driver
 def _measure(kind, impl, size, batch, iters, save=None, dropout=0.0, device="cpu") -> dict:
-    """``iters`` timed runs and one memory run of one implementation in a fresh process."""
+    """``iters`` timed runs of one implementation in a fresh process, then a memory run in another."""
     spec = {"kind": kind, "impl": impl, "size": size, "batch": batch, "iters": iters, "save": save,
             "dropout": dropout, "device": device}
-    return run_worker(MODULE, spec)
+    timed = run_worker(MODULE, dict(spec, mode="time"))
+    if "error" in timed:
+        return timed
+    memory = run_worker(MODULE, dict(spec, mode="memory"), memory_run=device == "cpu")
+    return {**timed, **memory}
 
 
 def _predict(points: Dict[int, int], size: int) -> float:

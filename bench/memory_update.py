@@ -23,7 +23,7 @@ import time
 import types
 from typing import List
 
-from bench import MIB, PeakMemory, ROOT, fixed_mmap_threshold, median, run_worker, target, worker_main
+from bench import MIB, PeakMemory, ROOT, median, run_worker, target, worker_main
 
 MODULE = "bench.memory_update"
 
@@ -101,19 +101,20 @@ def _worker(spec: dict) -> dict:
     def reset():
         (mem if impl == "loop" else m.memory).copy_(memory)
 
-    times = []
-    for _ in range(spec["iters"]):  # timed, normal allocator
-        reset()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    fixed_mmap_threshold()
+    if spec.get("mode") != "memory":
+        times = []
+        for _ in range(spec["iters"]):
+            reset()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return {"times": times}
     reset()
-    with PeakMemory() as pm:  # one more run for memory
+    with PeakMemory() as pm:
         fn()
     if spec.get("save"):
         torch.save(result().clone(), spec["save"])
-    return {"times": times, "peak_bytes": pm.extra}
+    return {"peak_bytes": pm.extra}
 
 
 def run(opts) -> dict:
@@ -134,8 +135,10 @@ def run(opts) -> dict:
         for r in range(1 if quick else 2):
             for impl in (impls if r % 2 == 0 else impls[::-1]):
                 save = os.path.join(tmp, f"{impl}{k}.pt") if r == 0 else None
-                res[impl].append(run_worker(MODULE, {"impl": impl, "K": k, "size": size, "label_size": label_size,
-                                                     "iters": iters, "save": save}))
+                spec = {"impl": impl, "K": k, "size": size, "label_size": label_size, "iters": iters, "save": save}
+                timed = run_worker(MODULE, dict(spec, mode="time"))
+                memory = run_worker(MODULE, dict(spec, mode="memory"), memory_run=True)
+                res[impl].append({**timed, **memory})
         errors = [x["error"] for v in res.values() for x in v if "error" in x]
         if errors:
             rows.append({"K": k, "error": errors[0][-200:]})

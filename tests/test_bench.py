@@ -38,9 +38,13 @@ def test_attention_worker_and_helpers():
     from bench import markdown_table, run_worker
     from bench.attention import _predict
 
-    res = run_worker("bench.attention", {"kind": "acf", "impl": "explicit", "size": 8, "batch": 1, "iters": 1})
-    assert "error" not in res, res
-    assert len(res["times"]) == 1 and res["peak_bytes"] >= 0
+    spec = {"kind": "acf", "impl": "explicit", "size": 8, "batch": 1, "iters": 2}
+    timed = run_worker("bench.attention", dict(spec, mode="time"))
+    assert "error" not in timed, timed
+    assert len(timed["times"]) == 2 and "peak_bytes" not in timed
+    memory = run_worker("bench.attention", dict(spec, mode="memory"), memory_run=True)
+    assert "error" not in memory, memory
+    assert memory["peak_bytes"] > 0 and "times" not in memory  # a forward+backward allocates
     # quadratic peak model: exact on a*N^2 + b*N
     pts = {s: 3 * (s * s) ** 2 + 5 * s * s for s in (16, 32)}
     assert abs(_predict(pts, 64) - (3 * 4096 ** 2 + 5 * 4096)) < 1e-3 * 3 * 4096 ** 2
