@@ -69,11 +69,12 @@ def _mix(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return torch.bmm(prior.view(g, 1, nk), probs.view(g, nk, r * m)).view(g, r, m)
 
 
-def _dropout_mask(shape, p: float, seed: int, block: int, device) -> torch.Tensor:
-    gen = torch.Generator(device=device)
+def _dropout_mask(like: torch.Tensor, p: float, seed: int, block: int) -> torch.Tensor:
+    """Block ``block``'s inverted-dropout mask (kept / (1 - p), dropped 0), the same on every call."""
+    gen = torch.Generator(device=like.device)
     gen.manual_seed(seed + block)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
+    keep = torch.rand(like.shape, generator=gen, device=like.device) >= p
+    return keep.to(like.dtype).mul_(1.0 / (1.0 - p))
 
 
 class _MixtureAttention(torch.autograd.Function):
@@ -97,7 +98,7 @@ class _MixtureAttention(torch.autograd.Function):
             mixed = _mix(probs, prior)
             del probs
             if dropout_p > 0:
-                mixed.mul_(_dropout_mask(mixed.shape, dropout_p, seed, block, q.device))
+                mixed.mul_(_dropout_mask(mixed, dropout_p, seed, block))
             out[:, start:stop] = torch.bmm(mixed, v)
         ctx.save_for_backward(q, k, v, prior, lse)
         ctx.scale, ctx.dropout_p, ctx.seed, ctx.rows = scale, dropout_p, seed, rows
@@ -125,7 +126,7 @@ class _MixtureAttention(torch.autograd.Function):
             mixed = _mix(probs, prior)
             grad_mixed = torch.bmm(grad_blk, v_t)  # dP, the gradient of the (dropped-out) mixture [G, r, M]
             if dropout_p > 0:
-                mask = _dropout_mask(mixed.shape, dropout_p, seed, block, q.device)
+                mask = _dropout_mask(mixed, dropout_p, seed, block)
                 mixed.mul_(mask)
                 grad_mixed.mul_(mask)
                 del mask
