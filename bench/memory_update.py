@@ -2,13 +2,12 @@
 
 C = 512, features [2, 512, 64, 64] (a 512 x 512 crop at output stride 8), two 512 x 512 label maps
 (blocky random labels, 16 x 16 blocks, every class present), all classes initialised (the cosine
-update path). Forms compared, each in its own process (peak RSS growth = extra memory):
+update path). Forms compared, each timed in its own process and measured for memory in another
+(peak RSS growth = extra memory):
 
 * ``loop``: per-class loop as in the reference code: F.interpolate the features to label size, then
   for each class select its pixels, cosine weights, weighted mean;
-* ``onehot_gemm``: our previous vectorised form (one-hot [K, n] x [n, C] GEMMs over label-size pixel
-  chunks), loaded from ``git show HEAD:ctxseg/models/memory.py`` when that version still has it;
-* ``ours``: ``ctxseg.models.memory.FeatureMemory`` as it is now.
+* ``ours``: ``ctxseg.models.memory.FeatureMemory``.
 
 Max abs difference of the updated memory against ``loop`` is reported. The update's share of a full
 training step is in the ``train_step`` group.
@@ -17,13 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-import types
 from typing import List
 
-from bench import MIB, PeakMemory, ROOT, median, run_worker, target, worker_main
+from bench import MIB, PeakMemory, median, run_worker, target, worker_main
 
 MODULE = "bench.memory_update"
 
@@ -46,20 +43,6 @@ def loop_update(memory, feats, labels, momentum, ignore=255):
             w = (1 - cos) / (1 - cos).sum()  # Eq 9
             new[k] = (1 - momentum) * memory[k] + momentum * (w[:, None] * pix).sum(0)  # Eq 10, Eq 6
         memory.copy_(new)
-
-
-def _legacy_class():
-    """FeatureMemory of the committed version (HEAD) if it is the one-hot GEMM form, else None."""
-    try:
-        src = subprocess.run(["git", "show", "HEAD:ctxseg/models/memory.py"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if "onehot @ pix_t.t()" not in src:
-        return None
-    mod = types.ModuleType("ctxseg_models_memory_head")
-    exec(compile(src, "HEAD:ctxseg/models/memory.py", "exec"), mod.__dict__)
-    return mod.FeatureMemory
 
 
 def _inputs(k, size, label_size, batch=2, c=512):
@@ -85,21 +68,16 @@ def _worker(spec: dict) -> dict:
     feats, labels, memory = _inputs(spec["K"], spec["size"], spec["label_size"])
     impl = spec["impl"]
     if impl == "loop":
-        mem = memory.clone()
-        fn = lambda: loop_update(mem, feats, labels, 0.5)  # noqa: E731
-        result = lambda: mem  # noqa: E731
+        updated = memory.clone()  # the tensor each form updates in place
+        fn = lambda: loop_update(updated, feats, labels, 0.5)  # noqa: E731
     else:
-        cls = FeatureMemory if impl == "ours" else _legacy_class()
-        if cls is None:
-            return {"error": "the committed memory.py is not the one-hot GEMM form"}
-        m = cls(spec["K"], memory.shape[1], init="mean", update="cosine")
-        m.memory.copy_(memory)
+        m = FeatureMemory(spec["K"], memory.shape[1], init="mean", update="cosine")
         m.initialized[:] = True
+        updated = m.memory
         fn = lambda: m.update(feats, labels, 0.5)  # noqa: E731
-        result = lambda: m.memory  # noqa: E731
 
     def reset():
-        (mem if impl == "loop" else m.memory).copy_(memory)
+        updated.copy_(memory)
 
     if spec.get("mode") != "memory":
         times = []
@@ -113,7 +91,7 @@ def _worker(spec: dict) -> dict:
     with PeakMemory() as pm:
         fn()
     if spec.get("save"):
-        torch.save(result().clone(), spec["save"])
+        torch.save(updated.clone(), spec["save"])
     return {"peak_bytes": pm.extra}
 
 
@@ -125,10 +103,7 @@ def run(opts) -> dict:
     iters = 2 if quick else 4
     rows: List[dict] = []
     tmp = tempfile.mkdtemp(prefix="ctxseg-bench-mem-")
-    impls = ["loop", "onehot_gemm", "ours"]
-    have_legacy = _legacy_class() is not None
-    if not have_legacy:
-        impls.remove("onehot_gemm")
+    impls = ["loop", "ours"]
     targets = []
     for k in (19, 150):
         res = {i: [] for i in impls}
