@@ -97,7 +97,7 @@ def run_trial(config: dict, *, context: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import create_run, make_trainer, run_name
+    from pipeline.train import create_run, log_run_params, make_trainer, run_name
 
     common.setup_logging()
     base = context["base"]
@@ -120,8 +120,9 @@ def run_trial(config: dict, *, context: dict) -> None:
                             f"{run_name(tp, sweep.model)} · {context['sweep']}/{trial_id}",
                             {"stage": "tune", "sweep": context["sweep"], "trial_id": trial_id,
                              "mlflow.parentRunId": context["parent_run_id"]})
-        for key, value in overrides.items():
-            client.log_param(run_id, f"tune.{key}", value)
+    # Logged on re-attach too: the interruption may have come between creating the run (found again by
+    # its trial_id tag) and logging its params.
+    log_run_params(client, run_id, tp, sweep.model, {f"tune.{key}": value for key, value in overrides.items()})
     trial_dir = Path(context["sweep_dir"]) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(tp, sweep.model, paths, run_dir=trial_dir, run_id=run_id,

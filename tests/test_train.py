@@ -106,3 +106,25 @@ def test_finished_run_is_not_resumed_but_retrained_when_stage_reruns(prepared_ro
     second = train_model(params, "again", paths)
     assert first["run_id"] != second["run_id"]
     assert second["history"][0]["epoch"] == 1 and len(second["history"]) == 1
+
+
+def test_crashed_run_superseded_by_new_params_is_closed_not_left_running(tmp_path):
+    """A run killed hard (left RUNNING in MLflow) whose params then change is closed as KILLED when the
+    stage trains afresh; finished or failed runs are left as they are."""
+    from mlflow import MlflowClient
+
+    from pipeline.train import _close_superseded_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    crashed, failed = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.set_terminated(failed, status="FAILED")
+
+    _close_superseded_run(client, {"status": "running", "run_id": crashed}, "fcn")
+    _close_superseded_run(client, {"status": "running", "run_id": failed}, "fcn")
+    assert client.get_run(crashed).info.status == "KILLED"
+    assert client.get_run(failed).info.status == "FAILED"
+
+    alive = client.create_run(exp).info.run_id
+    _close_superseded_run(client, {"status": "finished", "run_id": alive}, "fcn")  # not an interrupted run
+    assert client.get_run(alive).info.status == "RUNNING"

@@ -137,3 +137,26 @@ def test_asha_stops_a_clearly_worse_trial_early(tmp_path):
         ray.shutdown()
     epochs = {r.config["quality"]: r.metrics["epoch"] for r in grid}
     assert epochs == {0.9: 4, 0.1: 1}
+
+
+def test_reattached_trial_run_gets_the_params_an_interruption_cut_off(tmp_path):
+    """A sweep interrupted between creating a trial's MLflow run and logging its params resumes with a
+    complete run: ``log_run_params`` fills in what is missing and accepts what is already there."""
+    from mlflow import MlflowClient
+
+    from pipeline.train import log_run_params
+
+    params = load_params("params.yaml")
+    model = next(iter(params.models))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    client.log_param(run_id, "model_name", model)  # the part logged before the interruption
+
+    log_run_params(client, run_id, params, model, {"tune.acf.mixtures": 2})
+    logged = client.get_run(run_id).data.params
+    assert logged["tune.acf.mixtures"] == "2"
+    assert logged["model_name"] == model
+    assert logged["train.epochs"] == str(params.train.epochs)
+
+    log_run_params(client, run_id, params, model, {"tune.acf.mixtures": 2})  # resume again: no conflict
+    assert client.get_run(run_id).data.params == logged
