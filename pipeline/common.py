@@ -141,6 +141,39 @@ def mlflow_experiment(params: Params, root: Path) -> str:
     return client.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
 
 
+MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value
+MLFLOW_BATCH_PARAMS = 100  # MLflow's limit on params per log_batch
+
+
+def log_params(client, run_id: str, flat: dict) -> None:
+    """Log flat ``{key: value}`` params to an MLflow run in batches (``None`` as "null", long values cut).
+
+    Idempotent: MLflow accepts a param logged again with the same value, so a run whose set-up was
+    interrupted part-way is completed by calling this again on resume."""
+    from mlflow.entities import Param
+
+    items = [Param(k, ("null" if v is None else str(v))[:MLFLOW_PARAM_CHARS]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), MLFLOW_BATCH_PARAMS):
+        client.log_batch(run_id, params=items[i:i + MLFLOW_BATCH_PARAMS])
+
+
+def close_superseded_run(client, record: dict, run_key: str, what: str) -> None:
+    """Close as KILLED the MLflow run of an interrupted stage that will not be resumed (its params changed).
+
+    ``record`` is the stage's state file (``status`` "running" while interrupted, the run id under
+    ``run_key``). A run killed hard stays RUNNING in MLflow forever otherwise; FAILED / FINISHED runs
+    are left as they are."""
+    run_id = record.get(run_key)
+    if record.get("status") != "running" or not run_id:
+        return
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            log.info("%s params changed: interrupted MLflow run %s closed as KILLED, starting afresh", what, run_id)
+    except Exception as err:  # the run may live in a tracking store no longer configured
+        log.warning("%s could not close the superseded MLflow run %s: %s", what, run_id, err)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray
 

@@ -400,7 +400,7 @@ def train_model(params: Params, model_name: str, paths: common.Paths) -> dict:
         client.update_run(run_id, status="RUNNING")
         log.info("[%s] resuming interrupted run %s (MLflow run %s)", model_name, ray_name, run_id)
     else:
-        _close_superseded_run(client, previous, model_name)
+        common.close_superseded_run(client, previous, "run_id", f"[{model_name}]")
         run_id = create_run(client, experiment_id, params, model_name, root, run_name(params, model_name),
                             {"stage": "train"})
     write_json(run_file, {"model": model_name, "fingerprint": fp, "status": "running", "run_id": run_id,
@@ -484,21 +484,6 @@ def _clear_run_dir(storage: str, model_dir: Path) -> None:
         shutil.rmtree(storage, ignore_errors=True)
 
 
-def _close_superseded_run(client, previous: dict, model_name: str) -> None:
-    """An interrupted run that will not be resumed (its params changed) is closed as KILLED in MLflow,
-    instead of showing as running forever."""
-    run_id = previous.get("run_id")
-    if previous.get("status") != "running" or not run_id:
-        return
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="KILLED")
-            log.info("[%s] params changed: interrupted MLflow run %s closed as KILLED, training afresh",
-                     model_name, run_id)
-    except Exception as err:  # the run may live in a tracking store no longer configured
-        log.warning("[%s] could not close the superseded MLflow run %s: %s", model_name, run_id, err)
-
-
 def create_run(client, experiment_id: str, params: Params, model_name: str, root: Path, name: str,
                tags: dict) -> str:
     """Create the MLflow run of one training run (train stage or Tune trial), tagged; return its id.
@@ -515,21 +500,13 @@ def create_run(client, experiment_id: str, params: Params, model_name: str, root
 
 
 def log_run_params(client, run_id: str, params: Params, model_name: str, extra: Optional[dict] = None) -> None:
-    """Log a training run's resolved params (plus ``extra``, e.g. a trial's ``tune.*`` values) to its MLflow run.
-
-    Idempotent: MLflow accepts a param logged again with the same value, so a run whose creation was
-    interrupted before its params were all logged is completed by calling this again on resume."""
-    from mlflow.entities import Param
-
+    """Log a training run's resolved params (plus ``extra``, e.g. a trial's ``tune.*`` values) to its
+    MLflow run; idempotent (:func:`common.log_params`), so a resume calls it again."""
     plain = params_to_dict(params)
     plain["model"] = plain["models"][model_name]  # the resolved config of this model
     plain.pop("models")
-    flat = {k: ("null" if v is None else str(v)) for k, v in flatten(plain).items()}
-    flat["model_name"] = model_name
-    flat.update({k: str(v) for k, v in (extra or {}).items()})
-    items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+    flat = {**flatten(plain), "model_name": model_name, **(extra or {})}
+    common.log_params(client, run_id, flat)
 
 
 def _log_final_model(client, run_id: str, tracking_uri: str, cfg, num_classes: int, state_dict: dict) -> None:

@@ -183,19 +183,17 @@ def run_sweep(params: Params, name: str, paths: common.Paths) -> list[dict]:
         client.update_run(parent_id, status="RUNNING")
         log.info("[%s] resuming interrupted sweep (MLflow parent run %s)", name, parent_id)
     else:
+        common.close_superseded_run(client, record, "parent_run_id", f"[{name}]")
         shutil.rmtree(sweep_dir, ignore_errors=True)
         parent = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}", tags={
             "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name,
             "git_commit": common.git_commit(root)})
         parent_id = parent.info.run_id
-        t = params_to_dict(params)["tune"]
-        settings = {k: v for k, v in t.items() if k != "sweeps"}
-        flat = flatten({"tune": settings, "sweep": t["sweeps"][name]})
-        for key, value in flat.items():
-            client.log_param(parent_id, key, str(value)[:6000])
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "running",
                                            "parent_run_id": parent_id})
+    # After sweep.json names the parent: a sweep interrupted while logging them completes them on resume.
+    _log_sweep_params(client, parent_id, params, name)
 
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id,
                "experiment_id": experiment_id, "tracking_uri": tracking_uri, "root": str(root),
@@ -247,6 +245,13 @@ def run_sweep(params: Params, name: str, paths: common.Paths) -> list[dict]:
              sum(r["status"] == "STOPPED" for r in rows), n_err, metric,
              f"{best['best_mIoU']:.4f} with " + ", ".join(f"{k}={best[k]}" for k in sweep.space) if best else "n/a")
     return rows
+
+
+def _log_sweep_params(client, parent_id: str, params: Params, name: str) -> None:
+    """The sweep's settings and search space on its parent run (idempotent, so a resume calls it again)."""
+    t = params_to_dict(params)["tune"]
+    settings = {k: v for k, v in t.items() if k != "sweeps"}
+    common.log_params(client, parent_id, flatten({"tune": settings, "sweep": t["sweeps"][name]}))
 
 
 def _finite(value: Any) -> bool:

@@ -113,18 +113,20 @@ def test_crashed_run_superseded_by_new_params_is_closed_not_left_running(tmp_pat
     stage trains afresh; finished or failed runs are left as they are."""
     from mlflow import MlflowClient
 
-    from pipeline.train import _close_superseded_run
+    from pipeline.common import close_superseded_run
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("x")
     crashed, failed = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
     client.set_terminated(failed, status="FAILED")
 
-    _close_superseded_run(client, {"status": "running", "run_id": crashed}, "fcn")
-    _close_superseded_run(client, {"status": "running", "run_id": failed}, "fcn")
+    close_superseded_run(client, {"status": "running", "run_id": crashed}, "run_id", "[fcn]")
+    close_superseded_run(client, {"status": "running", "run_id": failed}, "run_id", "[fcn]")
     assert client.get_run(crashed).info.status == "KILLED"
     assert client.get_run(failed).info.status == "FAILED"
 
     alive = client.create_run(exp).info.run_id
-    _close_superseded_run(client, {"status": "finished", "run_id": alive}, "fcn")  # not an interrupted run
+    close_superseded_run(client, {"status": "finished", "run_id": alive}, "run_id", "[fcn]")  # not interrupted
     assert client.get_run(alive).info.status == "RUNNING"
+    close_superseded_run(client, {"status": "running", "parent_run_id": alive}, "parent_run_id", "[sweep]")
+    assert client.get_run(alive).info.status == "KILLED"  # the tune stage's record names its parent run

@@ -139,7 +139,7 @@ def test_asha_stops_a_clearly_worse_trial_early(tmp_path):
     assert epochs == {0.9: 4, 0.1: 1}
 
 
-def test_reattached_trial_run_gets_the_params_an_interruption_cut_off(tmp_path):
+def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp_path):
     """A sweep interrupted between creating a trial's MLflow run and logging its params resumes with a
     complete run: ``log_run_params`` fills in what is missing and accepts what is already there."""
     from mlflow import MlflowClient
@@ -160,3 +160,15 @@ def test_reattached_trial_run_gets_the_params_an_interruption_cut_off(tmp_path):
 
     log_run_params(client, run_id, params, model, {"tune.acf.mixtures": 2})  # resume again: no conflict
     assert client.get_run(run_id).data.params == logged
+
+    # the sweep's parent run likewise
+    from pipeline.tune import _log_sweep_params
+
+    sweep = next(iter(params.tune.sweeps))
+    parent = client.create_run(client.get_experiment_by_name("x").experiment_id).info.run_id
+    client.log_param(parent, "tune.epochs", params.tune.epochs)
+    for _ in range(2):
+        _log_sweep_params(client, parent, params, sweep)
+    logged = client.get_run(parent).data.params
+    assert logged["sweep.model"] == params.tune.sweeps[sweep].model
+    assert logged["tune.metric"] == params.tune.metric
