@@ -49,3 +49,22 @@ def test_attention_worker_and_helpers():
     pts = {s: 3 * (s * s) ** 2 + 5 * s * s for s in (16, 32)}
     assert abs(_predict(pts, 64) - (3 * 4096 ** 2 + 5 * 4096)) < 1e-3 * 3 * 4096 ** 2
     assert "| a |" in markdown_table([{"a": 1.0}])
+
+
+def test_gpu_group_code_runs_on_the_cpu_with_bf16_autocast():
+    """The GPU group has no CUDA here: run its measurement body on the CPU at tiny sizes, so a change in
+    the model or DCA signatures, or an AMP failure (non-finite loss, dtype mismatch), breaks this test
+    instead of the first GPU run."""
+    import math
+
+    import torch
+
+    from bench.gpu import measure
+
+    rows = measure(torch.device("cpu"), batch=2, size=64, iters=1, dca_channels=32, dca_size=16,
+                   backbone="resnet_tiny")
+    assert [r["what"].split(" ")[1] for r in rows[:3]] == ["deeplabv3", "deeplabv3+mcibi", "deeplabv3+acf"]
+    assert rows[0]["vs_baseline"] == 1.0
+    assert all(r["images_per_s"] > 0 and math.isnan(r["peak_MiB"]) for r in rows[:3])
+    assert [r["what"] for r in rows[3:]] == ["DCA latency 1x32x16^2 fp32", "DCA latency 1x32x16^2 AMP bfloat16"]
+    assert all(r["ms"] > 0 for r in rows[3:])
