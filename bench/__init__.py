@@ -1,7 +1,7 @@
 """ctxseg benchmarks: every figure is a ratio of two things measured side by side in the same run, or
 a count (bytes, FLOPs, pixels). Run everything with ``python -m bench`` (``make bench``); ``--quick``
 runs tiny sizes (the smoke test), ``--only NAME[,NAME]`` one group. Results go to ``bench/results.json``
-(atomically) and the table to ``bench/RESULTS.md``.
+(atomically, with ``ctxseg.io.write_text``) and the table to ``bench/RESULTS.md``.
 
 Groups (one module each): ``attention``, ``memory_update``, ``train_step``, ``pipeline``,
 ``evaluation``, ``gpu``. Each exposes ``run(opts) -> dict`` with ``rows`` (the table) and ``targets``
@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -188,16 +187,3 @@ def markdown_table(rows: List[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-@contextmanager
-def atomic_write(path: Path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

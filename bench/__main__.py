@@ -11,7 +11,8 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import BENCH_DIR, atomic_write, load_info, markdown_table
+from bench import BENCH_DIR, load_info, markdown_table
+from ctxseg.io import write_text
 
 GROUPS = ["attention", "memory_update", "train_step", "pipeline", "evaluation", "gpu"]
 
@@ -105,14 +106,12 @@ def main(argv=None) -> int:
             print(res["error"], file=sys.stderr)
         else:
             print(markdown_table(res.get("rows", [])), flush=True)
-        with atomic_write(out) as tmp:  # after every group, so an interrupted run keeps what it measured
-            tmp.write_text(json.dumps(results, indent=1, default=str))
+        # after every group, so an interrupted run keeps what it measured
+        write_text(out, json.dumps(results, indent=1, default=str))
     info_end = load_info()
     results["info"]["loadavg_end"] = info_end.get("loadavg")
-    with atomic_write(out) as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-    with atomic_write(md) as tmp:
-        tmp.write_text(render(results))
+    write_text(out, json.dumps(results, indent=1, default=str))
+    write_text(md, render(results))
     print(f"wrote {out} and {md}")
     return 1 if failed else 0
 

@@ -23,7 +23,7 @@ k with taps c_ij on feature-size pixels j (Eq 8, r_i = sum_j c_ij r_j),
 
 So the cost is O(B*h*w*C*K) + O(labels) instead of O(labels * C * K), and the extra memory is a few
 vectors per chunk of ``chunk_pixels`` label pixels (independent of C) plus the [K, B*h*w] matrix S.
-``bench/memory_update.py`` compares it with a per-class loop and with the previous one-hot-GEMM form.
+``bench/memory_update.py`` compares it with a per-class loop.
 
 Exact distributed update: under ``torch.distributed`` those per-class sums are all-reduced
 *before* Eq 9-10 are finished, so N ranks compute exactly the update a single process would
@@ -93,10 +93,6 @@ def interp_matrix(out_size: int, in_size: int, device=None, dtype=torch.float32)
 def interp_taps(out_size: int, in_size: int, device=None, dtype=torch.float32):
     """The two taps of :func:`interp_matrix` per output index: ``(i0, i1, w0, w1)`` with
     ``out[o] = w0[o] * x[i0[o]] + w1[o] * x[i1[o]]`` and ``i1 = min(i0 + 1, in_size - 1)``."""
-    if in_size == out_size:
-        i0 = torch.arange(out_size, device=device)
-        return (i0, (i0 + 1).clamp(max=in_size - 1), torch.ones(out_size, device=device, dtype=dtype),
-                torch.zeros(out_size, device=device, dtype=dtype))
     scale = in_size / out_size
     dst = torch.arange(out_size, device=device, dtype=torch.float64)
     src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
