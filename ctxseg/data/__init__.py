@@ -1,5 +1,7 @@
-"""Data layer of ctxseg: dataset metadata, download/extraction, preprocessing, the synthetic
-co-occurrence benchmark, the torch Dataset over the canonical layout and the transforms.
+"""Data layer of ctxseg: the dataset registry (one module per dataset in :mod:`ctxseg.data.datasets`),
+download/extraction, preprocessing, the synthetic co-occurrence benchmark, the torch Dataset over the
+canonical layout and the transforms. The shared vocabulary (errors, ``Sample``, ``DatasetInfo``) is
+:mod:`ctxseg.data.types`.
 
 Heavy parts (torch) are imported lazily, so worker processes that only convert files stay light.
 """
@@ -27,16 +29,24 @@ __all__ = [
     "DownloadError",
     "ChecksumError",
     "UnsafeArchiveError",
+    "LayoutError",
     "example_grid",
+    "DatasetSpec",
+    "dataset_names",
+    "get_dataset",
 ]
 
 _LAZY = {
     "download_dataset": "ctxseg.data.download",
-    "DownloadError": "ctxseg.data.download",
-    "ChecksumError": "ctxseg.data.download",
-    "UnsafeArchiveError": "ctxseg.data.download",
+    "DownloadError": "ctxseg.data.types",
+    "ChecksumError": "ctxseg.data.types",
+    "UnsafeArchiveError": "ctxseg.data.types",
+    "DataValidationError": "ctxseg.data.types",
+    "LayoutError": "ctxseg.data.types",
     "prepare_dataset": "ctxseg.data.prepare",
-    "DataValidationError": "ctxseg.data.prepare",
+    "DatasetSpec": "ctxseg.data.datasets",
+    "dataset_names": "ctxseg.data.datasets",
+    "get_dataset": "ctxseg.data.datasets",
     "SegmentationDataset": "ctxseg.data.dataset",
     "build_train_transform": "ctxseg.data.transforms",
     "build_eval_transform": "ctxseg.data.transforms",

@@ -10,19 +10,10 @@ from typing import Dict, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DatasetName = Literal[
-    "synthetic",
-    "ade20k",
-    "voc_aug",
-    "pascal_context",
-    "pascal_context59",
-    "coco_stuff164k",
-    "coco_stuff10k",
-    "cityscapes",
-    "lip",
-    "cihp",
-    "camvid",
-]
+from ctxseg.data.datasets import dataset_names, unknown_dataset_message
+
+#: every module of ctxseg/data/datasets/ (the registry), as a Literal so the params reference lists them
+DatasetName = Literal[dataset_names()]  # type: ignore[valid-type]
 
 #: ImageNet statistics on the 0-255 scale (the normalisation both papers use).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -153,7 +144,8 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Which dataset, where it comes from, and how it is fed to the models."""
 
-    name: DatasetName = "synthetic"
+    name: DatasetName = Field(
+        "synthetic", description="the dataset: one module of ctxseg/data/datasets/ (the registry)")
     source: Optional[str] = Field(
         None,
         description="an already-downloaded archive or an extracted folder to use instead of the network "
@@ -182,6 +174,13 @@ class DataConfig(_Strict):
     )
     preprocess_workers: int = Field(2, ge=1, le=64, description="processes converting files (capped by CPUs)")
     num_loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_dataset(cls, v):
+        if v not in dataset_names():
+            raise ValueError(unknown_dataset_message(v))
+        return v
 
     @field_validator("checksums")
     @classmethod

@@ -36,7 +36,12 @@ from typing import Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
+from ctxseg.data import sources
 from ctxseg.data.config import DataConfig
+from ctxseg.data.datasets import get_dataset
+from ctxseg.io import atomic_path, write_json
+from ctxseg.data.layout import check_sample_ids
+from ctxseg.data.types import ChecksumError, DownloadError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +50,8 @@ CHUNK = 1 << 20
 USER_AGENT = "ctxseg-data/0.1"
 
 
-class DownloadError(RuntimeError):
-    """Nothing could serve the dataset; the message says what to get and where to put it."""
-
-
-class ChecksumError(DownloadError):
-    """A file's digest differs from the published or recorded one."""
-
-
-class UnsafeArchiveError(DownloadError):
-    """An archive member would escape the destination or is a device/FIFO."""
+__all__ = ["download_dataset", "http_download", "safe_extract", "check_archive", "verify_file",
+           "DownloadError", "ChecksumError", "UnsafeArchiveError"]
 
 
 # ----------------------------------------------------------------------------------- checksums
@@ -347,6 +344,17 @@ def _what_to_get(spec, raw_dir: Path, dl_dir: Path) -> str:
             f"stage again (raw output: {raw_dir}).")
 
 
+def _warn_listing_problems(name: str, problems: List[Tuple[str, str]], limit: int = 20) -> None:
+    """Pair problems do not stop the download: the preprocess stage reports them with every other
+    problem of the data (corrupt files, out-of-range values) in one message."""
+    if not problems:
+        return
+    lines = "\n".join(f"  {f}: {m}" for f, m in problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    log.warning("%s: %d problem(s) in the raw data; the preprocess stage will refuse it until they are fixed:\n%s%s",
+                name, len(problems), lines, more)
+
+
 def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:
     """The download stage for ``cfg.name``; returns ``raw_dir`` (the raw data's home).
 
@@ -355,16 +363,11 @@ def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:
     into ``raw_dir/extracted/<archive stem>/``; an extracted ``source`` folder is linked through
     ``raw_dir/source.json`` instead of copied. The result is checked to have the dataset's layout.
     """
-    from ctxseg.data import sources
-    from ctxseg.io import atomic_path, write_json
-
     raw_dir = Path(raw_dir)
-    if cfg.name == "synthetic":
-        from ctxseg.data.synthetic import generate_synthetic
+    spec = get_dataset(cfg.name)
+    if spec.generate is not None:  # made locally (the synthetic benchmark), nothing to download
+        return spec.generate(cfg, raw_dir)
 
-        return generate_synthetic(cfg.synthetic, raw_dir)
-
-    spec = sources.SPECS[cfg.name]
     dl_dir = _download_dir(cfg, raw_dir)
     book = ChecksumBook(dl_dir / "checksums.json")
     archives: List[Path] = []
@@ -448,9 +451,11 @@ def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:
             safe_extract(a, tmp / sources.EXTRACTED / archive_stem(a))
         root = link if link is not None else tmp / sources.EXTRACTED
         try:
-            samples, _, _ = sources.list_samples(cfg, root)
+            listing = sources.list_samples(cfg, root)
         except sources.LayoutError as e:
             raise DownloadError(f"{e}\n" + _what_to_get(spec, raw_dir, dl_dir)) from e
+        samples = listing.samples
+        _warn_listing_problems(cfg.name, listing.problems + check_sample_ids(samples))
         write_json(tmp / "download.json", {**stamp, "pairs_found": len(samples)})
     if not cfg.keep_archives:  # only our own downloads, never the user's `source` files
         for a in archives:

@@ -33,82 +33,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ctxseg.data.info import IGNORE_INDEX, DatasetInfo
+from ctxseg.data.decoders import LutDecoder, read_png_label
+from ctxseg.data.layout import check_sample_ids
+from ctxseg.data.types import IGNORE_INDEX, DatasetInfo, DataValidationError, LabelDecoder, Sample
+
+__all__ = ["prepare_dataset", "convert_samples", "convert_one", "DataValidationError", "Sample", "LabelDecoder",
+           "LutDecoder", "read_png_label", "save_png"]
 
 log = logging.getLogger(__name__)
 
 PNG_COMPRESS_LEVEL = 3  # fixed so output is byte-reproducible
-
-
-class DataValidationError(ValueError):
-    """Raw data failed validation; ``.problems`` lists ``(file, message)`` for every offending pair."""
-
-    def __init__(self, message: str, problems: Sequence[Tuple[str, str]] = ()):
-        super().__init__(message)
-        self.problems = list(problems)
-
-
-@dataclass
-class Sample:
-    """One raw pair to convert. ``label`` is whatever the dataset's label decoder understands
-    (usually a path)."""
-
-    split: str
-    id: str
-    image: Path
-    label: Any
-
-
-class LabelDecoder:
-    """Turns a ``Sample.label`` into an HxW uint8 array of train ids (255 = ignore). Subclasses must be
-    picklable (they travel to worker processes)."""
-
-    def __call__(self, src: Any) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return type(self).__name__
-
-
-def read_png_label(path: Path) -> np.ndarray:
-    """Single-channel label image (mode L, P, I or I;16) -> integer array of raw ids."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("L", "P"):
-            return np.asarray(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-            return np.asarray(im).astype(np.int64)
-        raise ValueError(f"label must be a single-channel PNG (mode L or P), found mode {im.mode}")
-
-
-class LutDecoder(LabelDecoder):
-    """raw id -> train id through a lookup table (ids beyond the table -> ``default``)."""
-
-    def __init__(self, lut: Optional[np.ndarray] = None, default: int = IGNORE_INDEX, name: str = "identity"):
-        self.lut = None if lut is None else np.asarray(lut, dtype=np.int64)
-        self.default = default
-        self.name = name
-
-    def map(self, raw: np.ndarray) -> np.ndarray:
-        raw = np.asarray(raw)
-        if self.lut is None:
-            if raw.dtype == np.uint8:
-                return raw
-            if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
-                bad = np.unique(raw[(raw < 0) | (raw > 255)])[:10].tolist()
-                raise ValueError(f"label values {bad} do not fit in uint8")
-            return raw.astype(np.uint8)
-        raw = raw.astype(np.int64)
-        out = np.full(raw.shape, self.default, dtype=np.int64)
-        ok = (raw >= 0) & (raw < len(self.lut))
-        out[ok] = self.lut[raw[ok]]
-        return out.astype(np.uint8)
-
-    def __call__(self, src: Any) -> np.ndarray:
-        return self.map(read_png_label(Path(src)))
-
-    def describe(self) -> str:
-        return self.name
 
 
 def _read_image_checked(path: Path) -> Tuple[Optional[np.ndarray], bool]:
@@ -215,26 +149,24 @@ def convert_samples(
     workers: int = 2,
     extra_meta: Optional[Dict[str, Any]] = None,
     source_desc: str = "",
+    problems: Sequence[Tuple[str, str]] = (),
 ) -> Dict[str, Any]:
-    """Convert ``samples`` into the canonical layout at ``out_dir`` atomically; return meta."""
+    """Convert ``samples`` into the canonical layout at ``out_dir`` atomically; return meta.
+
+    ``problems`` (from the dataset's listing: missing or unpaired labels) are reported together with
+    every bad sample id and every pair that fails to convert, in one :class:`DataValidationError`;
+    nothing is written unless there is no problem at all."""
     from ctxseg.io import atomic_path, write_json
 
     out_dir = Path(out_dir)
     if not samples:
+        listed = f":\n{_summarise(list(problems))}" if problems else ""
         raise DataValidationError(f"no image/label pairs found in {source_desc or 'the raw data'}; check the "
-                                  f"`source`/raw folder layout for dataset {info.name!r}")
-    # ids must be unique per split and safe as file names
-    seen: Dict[Tuple[str, str], Any] = {}
-    problems: List[Tuple[str, str]] = []
-    for s in samples:
-        if "/" in s.id or "\\" in s.id or s.id in ("", ".", ".."):
-            problems.append((str(s.image), f"invalid sample id {s.id!r}"))
-        key = (s.split, s.id)
-        if key in seen:
-            problems.append((str(s.image), f"duplicate id {s.id!r} in split {s.split!r} (also {seen[key]})"))
-        seen[key] = s.image
-    if problems:
-        raise DataValidationError(f"{len(problems)} problem(s) listing {info.name}:\n{_summarise(problems)}", problems)
+                                  f"`source`/raw folder layout for dataset {info.name!r}{listed}", problems)
+    # ids must be unique per split and safe as file names; pairs with a bad id are still checked
+    # (check_only) so that every problem is reported in one pass
+    listing_problems: List[Tuple[str, str]] = list(problems) + check_sample_ids(samples)
+    bad_ids = {str(f) for f, _ in listing_problems}
     splits = sorted({s.split for s in samples}, key=lambda x: ("train", "val", "test").index(x)
                     if x in ("train", "val", "test") else 9)
     t0 = time.perf_counter()
@@ -243,7 +175,7 @@ def convert_samples(
         for sp in splits:
             (tmp / "images" / sp).mkdir(parents=True, exist_ok=True)
             (tmp / "labels" / sp).mkdir(parents=True, exist_ok=True)
-        jobs = [_Job(s, decoder, tmp, info.num_classes) for s in samples]
+        jobs = [_Job(s, decoder, tmp, info.num_classes, check_only=str(s.image) in bad_ids) for s in samples]
         results: List[_Result] = []
         bar = tqdm(total=len(jobs), desc=f"preprocess {info.name}", unit="img", disable=None)
         try:
@@ -266,7 +198,7 @@ def convert_samples(
                         raise
         finally:
             bar.close()
-        problems = [p for r in results for p in r.problems]
+        problems = listing_problems + [p for r in results for p in r.problems]
         if problems:
             raise DataValidationError(
                 f"{len(problems)} invalid image/label pair(s) in {source_desc or info.name}; nothing was written. "
@@ -316,8 +248,8 @@ def prepare_dataset(cfg, raw_dir: Path, out_dir: Path) -> Dict[str, Any]:
     from ctxseg.data import sources
 
     raw_dir = Path(raw_dir)
-    info = sources.dataset_info(cfg.name)
+    info = sources.dataset_info(cfg.name, cfg)
     root = sources.resolve_root(cfg, raw_dir)
-    samples, decoder, extra = sources.list_samples(cfg, root)
-    return convert_samples(samples, decoder, info, Path(out_dir), workers=cfg.preprocess_workers,
-                           extra_meta=extra, source_desc=str(root))
+    listing = sources.list_samples(cfg, root)
+    return convert_samples(listing.samples, listing.decoder, info, Path(out_dir), workers=cfg.preprocess_workers,
+                           extra_meta=listing.extra, source_desc=str(root), problems=listing.problems)

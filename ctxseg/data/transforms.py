@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ctxseg.data.config import DataConfig
+from ctxseg.data.datasets import get_dataset
 
 IGNORE = 255
 log = logging.getLogger(__name__)
@@ -268,11 +269,10 @@ class ToTensor:
 def build_train_transform(cfg: DataConfig) -> Compose:
     """Random resize -> random crop (cat_max_ratio) -> flip -> photometric -> normalise -> pad -> tensor."""
     a = cfg.augment
-    if cfg.name == "synthetic" and a.scale_range[1] > 1.0 and min(a.crop_size) <= cfg.synthetic.image_size:
-        log.warning(
-            "data.augment.scale_range=%s with crop_size=%s on the synthetic benchmark: crops of up-scaled "
-            "images often cut the cue off the ambiguous region, so context cannot be learnt from them. "
-            "Use scale_range [0.5, 1.0] (see README.md, 'The embedded synthetic dataset')", list(a.scale_range), list(a.crop_size))
+    hook = get_dataset(cfg.name).augmentation_warning
+    warning = hook(cfg) if hook is not None else None
+    if warning:
+        log.warning("%s", warning)
     steps: List[Transform] = [
         RandomResize(a.scale_range, a.base_size),
         RandomCrop(a.crop_size, a.cat_max_ratio, a.crop_retries),
