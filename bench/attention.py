@@ -40,7 +40,7 @@ def explicit_flat(q, k, v, scale, dropout_p=0.0):
     return attn @ v
 
 
-def explicit_mos(q, k, v, prior, scale, dropout_p=0.0):
+def explicit_mos(q, k, v, prior, scale, dropout_p=0.0, pad_head_dims=True):
     """Reference-style MoS: P(j|i) = sum_k pi_k softmax(s^k) materialised, dropout, then P V."""
     import torch
 

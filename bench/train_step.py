@@ -8,7 +8,8 @@ parts that are timed separately in the same process, interleaved over rounds (me
 * context head: aux head + decode head (A_wi, DCA/ACF, fusion, classifiers) forward + backward on
   detached backbone features, minus the loss part;
 * loss: the loss terms (upsampling + CE, L_W, RCL) forward + backward on detached logits;
-* memory update: ``FeatureMemory.update`` (Eq 6-10);
+* memory update: the head's ``on_step`` state update (MCIBI: ``FeatureMemory.update``, Eq 6-10;
+  nothing for the other heads);
 * optimiser step: ``optimizer.step()`` (SGD, momentum, weight decay) with gradients present.
 
 The shares are of the sum of the parts; ``full_step_s`` is an engine-identical whole step
@@ -46,7 +47,7 @@ def _breakdown(name, cfg, num_classes, size, rounds):
     from ctxseg.engine import build_optimizer
     from ctxseg.models import build_segmentor
     from ctxseg.models.losses import segmentation_ce
-    from ctxseg.models.memory import poly_momentum
+    from ctxseg.models.segmentor import within_image
 
     torch.manual_seed(0)
     model = build_segmentor(cfg, num_classes)
@@ -56,14 +57,24 @@ def _breakdown(name, cfg, num_classes, size, rounds):
     images = torch.randn(1, 3, size, size, generator=g)
     blocks = torch.randint(0, num_classes, (1, 1, size // 32, size // 32), generator=g).float()
     targets = torch.nn.functional.interpolate(blocks, size=(size, size), mode="nearest")[:, 0].long()
-    mcibi = cfg.context == "mcibi"
-    # warm the memory (initialise every class once)
-    with torch.no_grad():
-        if mcibi:
-            feats = model.backbone(images)
-            _, r, _ = model.decode_head(feats[3], model.aux_head(feats[2]))
-            model.decode_head.memory.update(r, targets, 0.9)
     head = model.decode_head
+
+    def decode(feats, aux):
+        """The head's outputs (logits + intermediates) after A_wi, as in ``Segmentor.forward``."""
+        return head(feats[3], within_image(model.context_module, feats[3], aux))
+
+    def head_loss(head_out, aux):
+        up = torch.nn.functional.interpolate(head_out["logits"], size=(size, size), mode="bilinear",
+                                             align_corners=False)
+        loss = segmentation_ce(up, targets) + 0.4 * segmentation_ce(aux, targets)
+        for term in head.losses(head_out, targets, 0.5).values():  # e.g. L_W, L_M (Eq 16-17)
+            loss = loss + term.weight * term.value
+        return loss
+
+    # warm the head's state (MCIBI: initialise every class of the memory once)
+    with torch.no_grad():
+        feats = model.backbone(images)
+        head.on_step(decode(feats, model.aux_head(feats[2])), targets, 0.0)
 
     def full():
         out = model(images, targets, 0.5)
@@ -81,18 +92,13 @@ def _breakdown(name, cfg, num_classes, size, rounds):
     def head_with_loss():
         with torch.no_grad():
             feats = model.backbone(images)
-        c3, c4 = feats[2].requires_grad_(), feats[3].requires_grad_()
-        aux = model.aux_head(c3)
-        logits, r, w = head(c4, aux)
-        state["r"] = r
-        up = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-        loss = segmentation_ce(up, targets) + 0.4 * segmentation_ce(aux, targets)
-        if mcibi:
-            loss = loss + 0.4 * segmentation_ce(w, targets) + head.memory_loss()
-        loss.backward()
+        feats[2].requires_grad_(), feats[3].requires_grad_()
+        aux = model.aux_head(feats[2])
+        head_out = decode(feats, aux)
+        head_loss(head_out, aux).backward()
 
     def mem_update():
-        head.memory.update(state["r"], targets, poly_momentum(0.5))
+        head.on_step(state["out"], targets, 0.5)  # the head's state update (MCIBI: Eq 6-10)
 
     def opt_step():
         opt.step()
@@ -109,20 +115,13 @@ def _breakdown(name, cfg, num_classes, size, rounds):
         with torch.no_grad():
             feats = model.backbone(images)
             aux0 = model.aux_head(feats[2])
-            lg0, r0, w0 = head(feats[3], aux0)
+            out0 = decode(feats, aux0)
         t = time.perf_counter()
-        lg, aux = lg0.clone().requires_grad_(), aux0.clone().requires_grad_()
-        up = torch.nn.functional.interpolate(lg, size=(size, size), mode="bilinear", align_corners=False)
-        loss = segmentation_ce(up, targets) + 0.4 * segmentation_ce(aux, targets)
-        if mcibi:
-            loss = loss + 0.4 * segmentation_ce(w0.clone().requires_grad_(), targets) + head.memory_loss()
-        loss.backward()
+        detached = {k: v.clone().requires_grad_() for k, v in out0.items()}
+        head_loss(detached, aux0.clone().requires_grad_()).backward()
         rec["loss"] = time.perf_counter() - t
-        if mcibi:
-            state["r"] = r0
-            t = time.perf_counter(); mem_update(); rec["memory update"] = time.perf_counter() - t
-        else:
-            rec["memory update"] = 0.0
+        state["out"] = out0
+        t = time.perf_counter(); mem_update(); rec["memory update"] = time.perf_counter() - t
         opt.zero_grad(set_to_none=True)
         if rnd > 0:
             for k, v in rec.items():

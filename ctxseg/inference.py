@@ -203,11 +203,22 @@ class ClassifierInput:
 
 
 def memory_of(model_or_state: Any) -> Optional[torch.Tensor]:
-    """The MCIBI feature memory ``M`` [K, C] of a model or a state_dict (the key ending in ``memory``), or None."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    for key, value in state.items():
-        if key.split(".")[-1] == "memory" and torch.is_tensor(value) and value.ndim == 2:
-            return value.detach().float().cpu()
+    """Class prototypes (the MCIBI feature memory ``M`` [K, C]) of a model or a segmentor state dict, or None.
+
+    A thin wrapper kept for callers of the earlier API: for a model it is
+    ``model.class_prototypes()`` (DDP wrappers unwrapped); for a state dict each registered context
+    head is asked to find its prototypes in it (``ContextHead.prototypes_in_state``).
+    """
+    if isinstance(model_or_state, torch.nn.Module):
+        model = getattr(model_or_state, "module", model_or_state)
+        protos = model.class_prototypes() if hasattr(model, "class_prototypes") else None
+        return None if protos is None else protos.detach().float().cpu()
+    from ctxseg.models.heads import HEADS
+
+    for head in HEADS.values():
+        protos = head.prototypes_in_state(model_or_state)
+        if protos is not None:
+            return protos
     return None
 
 

@@ -200,7 +200,7 @@ def test_receptive_field_default_and_empirical():
     for p in model.parameters():  # positive weights: no ReLU dead zones, so the support is the full RF
         p.data.abs_()
     x = (torch.rand(1, 3, 160, 160) + 0.1).requires_grad_()
-    logits, _, _ = model.decode_head(model.backbone(x)[3])
+    logits = model.decode_head(model.backbone(x)[3])["logits"]
     logits[0, 0, 10, 10].backward()
     rows = x.grad[0].abs().sum(0).sum(1).nonzero().squeeze(1)
     extent = int(rows.max() - rows.min() + 1)

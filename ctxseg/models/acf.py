@@ -43,7 +43,7 @@ def check_acf_channels(channels: int, heads: int, mixtures: int) -> None:
 
 
 def mos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torch.Tensor,
-                  scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+                  scale: float, dropout_p: float = 0.0, pad_head_dims: bool = True) -> torch.Tensor:
     """Mixture-of-softmaxes attention: sum_k prior_k softmax(q_k k_k^T * scale), dropout, times v.
 
     q: [B, H, K, N, d], k: [B, H, K, M, d], v: [B, H, M, dv], prior: [B, H, K] (sums to 1 over K);
@@ -58,6 +58,10 @@ def mos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torc
       per component, sum_k pi_k SDPA(Q_k, K_k, V), the same maths because the mixture is linear in
       each softmax. For inference with narrow heads (d = 8) it is 3x faster than the blocked kernel on
       the CPU. On GPUs dropout is drawn per component inside SDPA rather than on the mixture.
+
+    ``pad_head_dims=False`` skips the zero-padding that lets the fused SDPA kernels run when d != dv
+    (see :func:`_sdpa`): the same result, computed as the maths says, so that a FLOP counter counts
+    the model rather than the kernel's needs (``ctxseg.models.complexity`` passes False).
     """
     b, h, nk, n, d = q.shape
     m, dv = k.shape[3], v.shape[-1]
@@ -67,28 +71,27 @@ def mos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torc
                                 v.reshape(b * h, m, dv), prior.reshape(b * h, nk), scale, dropout_p)
         return out.view(b, h, n, dv)
     vv = v.unsqueeze(2).expand(b, h, nk, m, dv).reshape(b, h * nk, m, dv)
-    out = _sdpa(q.reshape(b, h * nk, n, d), k.reshape(b, h * nk, m, d), vv, scale, dropout_p)
+    out = _sdpa(q.reshape(b, h * nk, n, d), k.reshape(b, h * nk, m, d), vv, scale, dropout_p, pad_head_dims)
     # sum_k pi_k out_k as one batched product: no [B, H, K, N, dv] temporary for out * prior
     mixed = torch.matmul(prior.reshape(b * h, 1, nk), out.reshape(b * h, nk, n * dv))
     return mixed.view(b, h, n, dv)
 
 
-# zero-pad q/k (or v) to a common head dim so the fused kernels apply (see _sdpa); the FLOP
-# counter (complexity.py) turns this off to count the maths rather than the padded work
-PAD_HEAD_DIMS = True
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
+          pad_head_dims: bool = True) -> torch.Tensor:
+    """Fused SDPA over [B, G, N, d] tensors (GPU; the FLOP counter's meta device).
 
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
-    """Fused SDPA over [B, G, N, d] tensors (GPU; the FLOP counter's meta device)."""
+    With ``pad_head_dims`` (the default) q/k (or v) are zero-padded to a common head dim so the fused
+    kernels apply; the padding is skipped on the ``meta`` device (shapes only, nothing to run)."""
     d, dv = q.shape[-1], v.shape[-1]
-    if d != dv and PAD_HEAD_DIMS and q.device.type != "meta":
+    if d != dv and pad_head_dims and q.device.type != "meta":
         # The fused kernels need equal head dims for q, k and v, else SDPA silently takes the math
         # path and stores N x M (measured: 838 MiB instead of 34 MiB at 64^2). Zero-padding q and k
         # leaves q k^T unchanged (the scale is explicit); zero-padding v adds zero output columns.
         if d < dv:
             q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
         else:
-            return _sdpa(q, k, F.pad(v, (0, d - dv)), scale, dropout_p)[..., :dv]
+            return _sdpa(q, k, F.pad(v, (0, d - dv)), scale, dropout_p, pad_head_dims)[..., :dv]
     # unit stride on the last dim, or SDPA falls back to the math path (see dca.flat_attention)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
@@ -136,16 +139,18 @@ class ACF(nn.Module):
         prior = torch.softmax(self.prior(x.mean(dim=(2, 3))).view(b, hh, kk), dim=-1)  # pi_k
         return q, k, v, prior
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Aggregated co-occurrent features before the projection: [B, channels, h, w]."""
+    def attend(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
+        """Aggregated co-occurrent features before the projection: [B, channels, h, w].
+
+        ``pad_head_dims``: see :func:`mos_attention` (False = count the maths only, same result)."""
         b, _, h, w = x.shape
         q, k, v, prior = self.components(x)
         p = self.dropout if self.training else 0.0
-        z = mos_attention(q, k, v, prior, self.scale, dropout_p=p)  # [B, H, N, dv]
+        z = mos_attention(q, k, v, prior, self.scale, dropout_p=p, pad_head_dims=pad_head_dims)  # [B, H, N, dv]
         return z.transpose(-1, -2).reshape(b, self.channels, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(self.attend(x))
+    def forward(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
+        return x + self.proj(self.attend(x, pad_head_dims))
 
     def rf_path(self) -> List[nn.Module]:
         return modules_of(self.phi, self.proj)

@@ -32,10 +32,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from . import acf as acf_module
-
 from .config import ModelConfig
-from .segmentor import DecodeHead
+from .segmentor import build_decoder, within_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,32 +68,66 @@ PAPER_TABLE3: Dict[str, Dict[str, Optional[float]]] = {
 }
 
 
-def _head(framework: str, context: str, in_channels: int, channels: int, num_classes: int) -> DecodeHead:
-    cfg = ModelConfig(framework=framework, context=context, channels=channels,
-                      ocr_key_channels=max(channels // 2, 1),
-                      acf={"channels": channels // 2, "heads": 2, "mixtures": 2})
-    head = DecodeHead(cfg, in_channels, num_classes)
-    head.classifier = nn.Identity()  # measure the feature path, not the 1x1 classifier
-    return head.eval()
+class FeaturePath(nn.Module):
+    """A_wi and the context head up to the classifier input: ``forward(x, soft_regions=None) -> F``.
+
+    This is what a row of the table measures. ``count=True`` runs the heads in their counting mode
+    (``ContextHead.features(..., count=True)``: the model's maths only, no implementation padding),
+    as :func:`measure` does; the default runs the path exactly as training / inference does, for
+    latency. ``soft_regions`` is used only by an A_wi that declares ``needs_soft_regions`` (OCR).
+    Attributes not found on the path are looked up on the head (e.g. ``path.memory`` of MCIBI).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int, count: bool = False) -> None:
+        super().__init__()
+        self.context_module, self.decode_head = build_decoder(cfg, in_channels, num_classes)
+        self.count = count
+        self.decode_head.prepare_measurement()  # e.g. memory rows as after training
+
+    @property
+    def needs_soft_regions(self) -> bool:
+        return self.context_module is not None and self.context_module.needs_soft_regions
+
+    def feature_parameters(self) -> List[nn.Parameter]:
+        """Parameters of the path to F: A_wi and the head without its final classifier."""
+        wi = list(self.context_module.parameters()) if self.context_module is not None else []
+        return wi + self.decode_head.feature_parameters()
+
+    def forward(self, x: torch.Tensor, soft_regions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c_wi = within_image(self.context_module, x, soft_regions)
+        return self.decode_head.features(x, c_wi, count=self.count)[0]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("decode_head"), name)
+
+
+def table_config(framework: str, context: str, channels: int = 512) -> ModelConfig:
+    """The ModelConfig of one table row (ACF: Phi/Psi width C/2, H = 2, K = 2; OCR keys C/2)."""
+    return ModelConfig(framework=framework, context=context, channels=channels,
+                       ocr_key_channels=max(channels // 2, 1),
+                       acf={"channels": channels // 2, "heads": 2, "mixtures": 2})
+
+
+def build_head(framework: str, context: str, in_channels: int, channels: int, num_classes: int,
+               count: bool = False) -> FeaturePath:
+    """The feature path of one table row, in eval mode, on the current default device."""
+    return FeaturePath(table_config(framework, context, channels), in_channels, num_classes, count).eval()
 
 
 def measure(framework: str, context: str, in_channels: int = 2048, size: int = 128, channels: int = 512,
             num_classes: int = 150, device: str = "meta") -> Dict[str, float]:
     """Params and FLOPs of one decode-head feature path on a 1 x in_channels x size x size input."""
     with torch.device(device):
-        head = _head(framework, context, in_channels, channels, num_classes)
+        path = build_head(framework, context, in_channels, channels, num_classes, count=True)
         x = torch.randn(1, in_channels, size, size)
-        soft = torch.randn(1, num_classes, size, size) if framework == "ocrnet" else None
-        if context == "mcibi":
-            head.memory.memory.normal_()
-    params = sum(p.numel() for p in head.parameters())
+        soft = torch.randn(1, num_classes, size, size) if path.needs_soft_regions else None
+    params = sum(p.numel() for p in path.feature_parameters())
     counter = FlopCounterMode(display=False)
-    padding, acf_module.PAD_HEAD_DIMS = acf_module.PAD_HEAD_DIMS, False  # count the maths, not padding
-    try:
-        with torch.no_grad(), counter:
-            head(x, soft)
-    finally:
-        acf_module.PAD_HEAD_DIMS = padding
+    with torch.no_grad(), counter:
+        path(x, soft)
     return {"params": float(params), "flops": float(counter.get_total_flops())}
 
 

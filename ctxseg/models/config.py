@@ -10,9 +10,9 @@ m0 is ``mcibi.momentum``, p is ``mcibi.momentum_power``, alpha/beta weight L_W a
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["BackboneConfig", "MCIBIConfig", "ACFConfig", "ModelConfig"]
 
@@ -118,12 +118,23 @@ class ACFConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """Whole segmentor: framework (A_wi) x context (A_bi / ACF) x backbone."""
+    """Whole segmentor: framework (A_wi) x context head x backbone.
+
+    ``context`` names a registered context head (:mod:`ctxseg.models.heads`: ``none``, ``mcibi``,
+    ``acf``, or one an extension registers). The built-in heads read their options from their own
+    blocks (``mcibi``, ``acf``); any other head from ``head_options.<name>``, validated by the
+    pydantic model it registered. Cross-field checks of a head run here too
+    (``ContextHead.check_config``), so a bad combination fails when params are loaded.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     framework: Literal["fcn", "pspnet", "deeplabv3", "ocrnet"] = "fcn"
-    context: Literal["none", "mcibi", "acf"] = "none"
+    context: str = Field(
+        default="none",
+        description="registered context head: `none` (no context), `mcibi` (MCIBI), `acf` (CFNet), or a "
+        "head registered with `ctxseg.models.heads.register_head`",
+    )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     channels: int = Field(default=64, ge=2, description="decode head width")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout before classifiers")
@@ -139,16 +150,49 @@ class ModelConfig(BaseModel):
     )
     mcibi: MCIBIConfig = Field(default_factory=MCIBIConfig)
     acf: ACFConfig = Field(default_factory=ACFConfig)
+    head_options: Dict[str, Dict[str, Any]] = Field(
+        default_factory=dict,
+        description="options of registered context heads that have no block of their own, by head name "
+        "(validated by the head's own config model)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        from .heads import get_head  # the registry imports this module
+
         if not self.ppm_bins or any(b < 1 for b in self.ppm_bins):
             raise ValueError(f"ppm_bins must be positive, got {self.ppm_bins}")
         if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
             raise ValueError(f"aspp_rates must be positive, got {self.aspp_rates}")
-        if self.context == "mcibi" and self.mcibi.channels is None and self.channels % 2:
-            raise ValueError(
-                f"channels={self.channels} must be even with context=mcibi (DCA projects to C/2, Eq 13); "
-                "or set mcibi.channels"
-            )
+        head = get_head(self.context)
+        for name, raw in self.head_options.items():
+            cls = get_head(name)
+            if cls.config is None or name in type(self).model_fields:
+                where = f"model.{name}" if name in type(self).model_fields else "nothing (it has no options)"
+                raise ValueError(f"head_options.{name}: the {name!r} head takes its options from {where}")
+            # stored back validated and as plain types, so model_dump() stays YAML-safe (dict mutated
+            # in place: assigning the field would re-run this validator)
+            self.head_options[name] = _validate_options(cls.config, raw, f"head_options.{name}")
+        head.check_config(self)
         return self
+
+    def head_config(self, name: str) -> Optional[BaseModel]:
+        """Options of the context head ``name``: its own block, or ``head_options[name]`` validated by
+        the head's config model (its defaults when absent); None for a head without options."""
+        block = getattr(self, name, None) if name in type(self).model_fields else None
+        if isinstance(block, BaseModel):
+            return block
+        from .heads import get_head
+
+        cls = get_head(name)
+        if cls.config is None:
+            return None
+        return cls.config.model_validate(self.head_options.get(name, {}))
+
+
+def _validate_options(model: type, raw: Any, where: str) -> Dict[str, Any]:
+    try:
+        return model.model_validate(raw).model_dump(mode="json")
+    except ValidationError as err:
+        problems = "; ".join(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ValueError(problems) from None

@@ -1,8 +1,10 @@
 """Within-image context modules A_wi (MCIBI Eq 3: C_wi = A_wi(R)): PPM, ASPP, OCR, plus the FCN head.
 
-Each module maps the stage-4 feature map to ``channels`` and exposes ``rf_branches()``: the local
-conv chains from its input to its output (global pooling / attention branches excluded, they see
-the whole image), used by :func:`ctxseg.models.receptive_field`.
+Each module (a :class:`WithinImageContext`) maps the stage-4 feature map to ``channels``, declares
+``needs_soft_regions`` (True: ``forward(x, soft_regions)`` needs the stage-3 auxiliary logits, as
+OCRNet's soft object regions; the segmentor then computes them at inference too) and exposes
+``rf_branches()``: the local conv chains from its input to its output (global pooling / attention
+branches excluded, they see the whole image), used by :func:`ctxseg.models.receptive_field`.
 
 Globally pooled 1x1 branches use Conv(bias)+ReLU without BatchNorm so a training forward with batch
 size 1 is well defined (see :class:`ctxseg.models.layers.ConvBNReLU`).
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from .layers import ConvBNReLU, modules_of
 
-__all__ = ["FCNHead", "PPM", "ASPP", "OCR", "build_context"]
+__all__ = ["FCNHead", "WithinImageContext", "PPM", "ASPP", "OCR", "build_context"]
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -43,7 +45,16 @@ class FCNHead(nn.Module):
         return modules_of(self.conv, self.cls)
 
 
-class PPM(nn.Module):
+class WithinImageContext(nn.Module):
+    """Base of the A_wi modules: ``forward(x, soft_regions=None) -> C_wi`` [B, channels, h, w]."""
+
+    needs_soft_regions: bool = False
+
+    def rf_branches(self) -> List[List[nn.Module]]:
+        raise NotImplementedError
+
+
+class PPM(WithinImageContext):
     """PSPNet pyramid pooling module (bins 1/2/3/6), concatenated with the input, 3x3 bottleneck."""
 
     def __init__(self, in_channels: int, channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
@@ -65,7 +76,7 @@ class PPM(nn.Module):
         return [modules_of(self.bottleneck)]
 
 
-class ASPP(nn.Module):
+class ASPP(WithinImageContext):
     """DeepLabV3 ASPP: 1x1 conv, 3x3 convs at ``rates`` (12/24/36 at OS 8), image pooling; 1x1 projection
     of the concatenation (as in the DeepLabV3 paper)."""
 
@@ -88,13 +99,15 @@ class ASPP(nn.Module):
         return [modules_of(b, self.project) for b in self.branches]
 
 
-class OCR(nn.Module):
+class OCR(WithinImageContext):
     """OCRNet object-contextual representations.
 
     Soft object regions (the stage-3 auxiliary logits) weight the pixels into one representation per
     class (spatial gather); every pixel then attends over these K object representations (object
     attention, computed with SDPA), and the object context is fused with the pixel features.
     """
+
+    needs_soft_regions = True
 
     def __init__(self, in_channels: int, channels: int, key_channels: int) -> None:
         super().__init__()
@@ -127,7 +140,7 @@ class OCR(nn.Module):
 
 
 def build_context(framework: str, in_channels: int, channels: int, *, bins=(1, 2, 3, 6),
-                  rates=(12, 24, 36), key_channels: int = 32) -> Optional[nn.Module]:
+                  rates=(12, 24, 36), key_channels: int = 32) -> Optional[WithinImageContext]:
     """A_wi for ``framework``: None for FCN, else PPM / ASPP / OCR producing ``channels`` maps."""
     if framework == "fcn":
         return None

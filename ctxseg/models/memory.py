@@ -112,7 +112,7 @@ class FeatureMemory(nn.Module):
 
     def __init__(self, num_classes: int, channels: int, init: str = "random", update: str = "cosine",
                  ignore_index: int = 255, chunk_pixels: int = 1 << 18, kmeans_clusters: int = 3,
-                 kmeans_iters: int = 5) -> None:
+                 kmeans_iters: int = 5, momentum: float = 0.9, momentum_power: float = 0.9) -> None:
         super().__init__()
         if init not in ("random", "mean", "clustering"):
             raise ValueError(f"mcibi.init must be random, mean or clustering; got {init!r}")
@@ -122,11 +122,25 @@ class FeatureMemory(nn.Module):
         self.init, self.strategy = init, update
         self.ignore_index, self.chunk_pixels = ignore_index, chunk_pixels
         self.kmeans_clusters, self.kmeans_iters = kmeans_clusters, kmeans_iters
+        self.base_momentum, self.momentum_power = float(momentum), float(momentum_power)  # m0, p of Eq 7
         self.register_buffer("memory", torch.zeros(num_classes, channels))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, channels={self.channels}, init={self.init}, update={self.strategy}"
+        return (f"num_classes={self.num_classes}, channels={self.channels}, init={self.init}, update={self.strategy}, "
+                f"m0={self.base_momentum}, p={self.momentum_power}")
+
+    # ------------------------------------------------------------------ Eq 7: the momentum schedule
+    def momentum_at(self, progress: float) -> float:
+        """m_t of Eq 7 at ``progress`` = t/T, from this memory's m0 and p."""
+        return poly_momentum(progress, self.base_momentum, self.momentum_power)
+
+    @torch.no_grad()
+    def step(self, features: torch.Tensor, labels: torch.Tensor, progress: float) -> float:
+        """One training step's update (Eq 6, 8-10) with the momentum of Eq 7 at ``progress``; returns m_t."""
+        momentum = self.momentum_at(progress)
+        self.update(features, labels, momentum)
+        return momentum
 
     # ------------------------------------------------------------------ Eq 8: pixels at label size
     def _pixels(self, features: torch.Tensor, labels: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
