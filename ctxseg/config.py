@@ -36,12 +36,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctxseg.data.config import DataConfig
+from ctxseg.errors import UserError
 from ctxseg.models.config import ModelConfig
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml is invalid. The message lists every problem with its key, value and the fix."""
 
 
@@ -87,7 +88,17 @@ class RayConfig(StrictModel):
 
     address: Optional[str] = Field(None, description='"auto", "ray://host:10001" or "host:6379"; null = local')
     storage_path: Optional[str] = Field(
-        None, description="where Ray Train keeps checkpoints; null = models/<model>/ in the repo (single node only)"
+        None, description="where Ray Train keeps checkpoints and Tune its trials: an s3:// (any pyarrow.fs) URI "
+        "or a path on a mount every node shares; null = models/<model>/ray and tune/ray in the repo (single node only)"
+    )
+    data_path: Optional[str] = Field(
+        None, description="where workers on other nodes read the prepared dataset: a path on a mount every node "
+        "shares (read in place) or a pyarrow.fs URI such as s3://bucket/prefix (copied once into a node-local cache); "
+        "the driver publishes data/prepared/<dataset> there. null = workers read the repo's copy (driver's node only)"
+    )
+    num_cpus: Optional[int] = Field(
+        None, ge=1, description="CPUs of the stage's local Ray instance; null = all of this machine's (size it down "
+        "to run two studies side by side)"
     )
 
 

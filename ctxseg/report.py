@@ -137,22 +137,22 @@ def _inline_html(text: str) -> str:
     return "".join(out)
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pct(value: Optional[float]) -> str:
-    return f"{100 * value:.2f}" if _finite(value) else "–"
+    return f"{100 * value:.2f}" if finite(value) else "–"
 
 
 def delta(value: Optional[float], base: Optional[float]) -> str:
-    if not (_finite(value) and _finite(base)):
+    if not (finite(value) and finite(base)):
         return "–"
     return f"{100 * (value - base):+.2f}"
 
 
-def _num(value: Any, digits: int = 2) -> str:
-    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+def fmt_num(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if finite(value) else "n/a"
 
 
 def main_records(records: list[dict]) -> dict[tuple[str, str], dict]:
@@ -175,7 +175,7 @@ def frameworks(records: list[dict]) -> list[str]:
     return seen
 
 
-def _miou(r: Optional[dict], ms: bool = False) -> Optional[float]:
+def miou_of(r: Optional[dict], ms: bool = False) -> Optional[float]:
     if r is None:
         return None
     m = r["metrics"]
@@ -194,10 +194,10 @@ def paper_table5(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         row = [fw]
         for ctx in CONTEXTS:
             r = mains.get((fw, ctx))
-            cell = "–" if r is None else f"{pct(_miou(r))} / {pct(_miou(r, True))}"
+            cell = "–" if r is None else f"{pct(miou_of(r))} / {pct(miou_of(r, True))}"
             row.append(cell)
             if ctx != "none":
-                row.append("–" if r is None else f"{delta(_miou(r), _miou(base))} / {delta(_miou(r, True), _miou(base, True))}")
+                row.append("–" if r is None else f"{delta(miou_of(r), miou_of(base))} / {delta(miou_of(r, True), miou_of(base, True))}")
         rows.append(row)
     return headers, rows
 
@@ -215,10 +215,10 @@ def main_results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]
         is_base = base is r
         n_params = m.get("num_params")
         rows.append([r["name"], r["framework"], r["context"], variant_label(r),
-                     pct(m.get("mIoU")), "" if is_base else delta(m.get("mIoU"), _miou(base)),
-                     pct(m.get("pixAcc")), pct(m.get("mAcc")), pct(_miou(r, True)),
-                     "" if is_base else delta(_miou(r, True), _miou(base, True)),
-                     f"{n_params / 1e6:.2f}" if _finite(n_params) else "–"])
+                     pct(m.get("mIoU")), "" if is_base else delta(m.get("mIoU"), miou_of(base)),
+                     pct(m.get("pixAcc")), pct(m.get("mAcc")), pct(miou_of(r, True)),
+                     "" if is_base else delta(miou_of(r, True), miou_of(base, True)),
+                     f"{n_params / 1e6:.2f}" if finite(n_params) else "–"])
     return headers, rows
 
 
@@ -226,12 +226,14 @@ def variant_label(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(r["variant"].items())) or "default"
 
 
-def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]:
-    """One line per context model: its mIoU change over the baseline and its extra cost."""
+def headline(records: list[dict], complexity: Optional[list[dict]], trained: Optional[list[dict]] = None) -> list[str]:
+    """One line per context model: its mIoU change over the baseline and its extra cost (in the paper's
+    setting from ``complexity``, and as trained here from ``trained``, see :func:`trained_cost_rows`)."""
     mains = main_records(records)
     cost = {}
     for row in complexity or []:
         cost[(row["framework"], row["context"])] = row
+    own = {row["name"]: row for row in trained or []}
     lines = []
     for fw in frameworks(records):
         base = mains.get((fw, "none"))
@@ -241,28 +243,44 @@ def headline(records: list[dict], complexity: Optional[list[dict]]) -> list[str]
                 continue
             text = f"`{r['name']}` ({fw} {CONTEXT_LABEL[ctx]}): "
             if base is None:
-                text += f"mIoU {pct(_miou(r))}% (no {fw} baseline in this study to compare with)"
+                text += f"mIoU {pct(miou_of(r))}% (no {fw} baseline in this study to compare with)"
             else:
-                d = _miou(r) - _miou(base) if _finite(_miou(r)) and _finite(_miou(base)) else None
+                d = miou_of(r) - miou_of(base) if finite(miou_of(r)) and finite(miou_of(base)) else None
                 verdict = ("n/a" if d is None else "helped" if d >= NOISE else "hurt" if d <= -NOISE
                            else f"no clear difference (within {100 * NOISE:.1f} points)")
-                text += (f"{delta(_miou(r), _miou(base))} mIoU points over `{base['name']}` single-scale "
-                         f"({pct(_miou(base))} → {pct(_miou(r))}), {delta(_miou(r, True), _miou(base, True))} with "
+                text += (f"{delta(miou_of(r), miou_of(base))} mIoU points over `{base['name']}` single-scale "
+                         f"({pct(miou_of(base))} → {pct(miou_of(r))}), {delta(miou_of(r, True), miou_of(base, True))} with "
                          f"multi-scale + flip: **{verdict}** here")
             c, b = cost.get((fw, ctx)), cost.get((fw, "none"))
             if c and b:
                 text += (f"; cost in the MCIBI Table 3 setting: {c['params_M'] - b['params_M']:+.2f} M params, "
                          f"{c['flops_G'] - b['flops_G']:+.1f} GFLOPs")
-                if _finite(c.get("latency_ms")) and _finite(b.get("latency_ms")):
+                if finite(c.get("latency_ms")) and finite(b.get("latency_ms")):
                     text += f", {c['latency_ms'] - b['latency_ms']:+.1f} ms CPU latency (small input)"
+            mine, theirs = own.get(r["name"]), own.get(base["name"]) if base is not None else None
+            if mine and theirs and finite(mine["params_M"]) and finite(theirs["params_M"]):
+                text += f"; as trained here: {mine['params_M'] - theirs['params_M']:+.2f} M params"
+                if finite(mine["flops_G"]) and finite(theirs["flops_G"]):
+                    text += f", {mine['flops_G'] - theirs['flops_G']:+.2f} GFLOPs per image"
             lines.append(text + ".")
     return lines
 
 
+def context_groups(meta: dict) -> dict[str, list[str]]:
+    """Groups of classes that look alike and are told apart only by context, from a dataset's meta.json.
+
+    Read generically from ``meta["context_groups"]`` (``{group: [class, ...]}``); datasets prepared
+    before that key existed carry it as ``meta["synthetic"]["groups"]``. Empty for datasets without.
+    """
+    groups = meta.get("context_groups")
+    if groups is None:
+        groups = (meta.get("synthetic") or {}).get("groups")
+    return {str(g): list(members) for g, members in (groups or {}).items()}
+
+
 def context_classes(meta: dict) -> list[str]:
-    """Classes that only context tells apart: the synthetic benchmark's look-alike groups (empty otherwise)."""
-    groups = (meta.get("synthetic") or {}).get("groups") or {}
-    return [c for members in groups.values() for c in members if c in meta.get("class_names", [])]
+    """Classes that only context tells apart (the members of :func:`context_groups`), in group order."""
+    return [c for members in context_groups(meta).values() for c in members if c in meta.get("class_names", [])]
 
 
 def context_class_table(records: list[dict], meta: dict) -> Optional[tuple[list[str], list[list[str]]]]:
@@ -280,8 +298,8 @@ def context_class_table(records: list[dict], meta: dict) -> Optional[tuple[list[
             if r is None:
                 continue
             values = [r["metrics"]["per_class_iou"].get(c) for c in classes]
-            finite = [v for v in values if _finite(v)]
-            mean = sum(finite) / len(finite) if finite else None
+            present = [v for v in values if finite(v)]
+            mean = sum(present) / len(present) if present else None
             if ctx == "none":
                 base_mean = mean
             rows.append([r["name"]] + [pct(v) for v in values] + [pct(mean),
@@ -302,7 +320,7 @@ def class_deltas(records: list[dict]) -> tuple[Optional[str], dict[str, dict]]:
             if r is None:
                 continue
             bi = base["metrics"]["per_class_iou"]
-            out[r["name"]] = {c: (v - bi[c]) if _finite(v) and _finite(bi.get(c)) else None
+            out[r["name"]] = {c: (v - bi[c]) if finite(v) and finite(bi.get(c)) else None
                               for c, v in r["metrics"]["per_class_iou"].items()}
         if out:
             return base["name"], out
@@ -337,11 +355,11 @@ def fusion_table(records: list[dict]) -> list[tuple[str, list[str], list[list[st
         base = baselines.get(fw)
         rows = []
         if base is not None:
-            rows.append([base["name"], "(no DCA: baseline)", pct(_miou(base)), "", "–"])
+            rows.append([base["name"], "(no DCA: baseline)", pct(miou_of(base)), "", "–"])
         order = list(FUSION_LABEL)
         for r in sorted(same, key=lambda r: order.index(r["flat"]["mcibi.fusion"])):
-            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], pct(_miou(r)),
-                         delta(_miou(r), _miou(base)) if base else "–",
+            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], pct(miou_of(r)),
+                         delta(miou_of(r), miou_of(base)) if base else "–",
                          _other_differences(r, main, ["mcibi.fusion"])])
         tables.append((fw, ["model", "fusion F", "mIoU (%)", "Δ vs baseline", "other differences"], rows))
     return tables
@@ -358,14 +376,14 @@ def memory_table(records: list[dict]) -> list[tuple[str, list[str], list[list[st
         base = baselines.get(fw)
         rows = []
         if base is not None:
-            rows.append([base["name"], "–", "–", "–", "–", pct(_miou(base)), "", "–"])
+            rows.append([base["name"], "–", "–", "–", "–", pct(miou_of(base)), "", "–"])
         for r in same:
             f = r["flat"]
             p = f["mcibi.momentum_power"]
             schedule = "constant" if p == 0 else f"poly (p={p})"
             rows.append([r["name"], str(f["mcibi.init"]), str(f["mcibi.update"]), schedule,
-                         "✓" if f["mcibi.rcl"] else "✗", pct(_miou(r)),
-                         delta(_miou(r), _miou(base)) if base else "–",
+                         "✓" if f["mcibi.rcl"] else "✗", pct(miou_of(r)),
+                         delta(miou_of(r), miou_of(base)) if base else "–",
                          _other_differences(r, main, [f"mcibi.{k}" for k in MEMORY_KEYS])])
         tables.append((fw, ["model", "memory init", "update", "momentum", "RCL", "mIoU (%)", "Δ vs baseline",
                             "other differences"], rows))
@@ -397,14 +415,14 @@ def _parse_cell(value: Optional[str]) -> Any:
     return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
 
-def _sweep_score(row: dict) -> Optional[float]:
+def sweep_score(row: dict) -> Optional[float]:
     for key in ("best_mIoU", "final_mIoU"):
-        if _finite(row.get(key)):
+        if finite(row.get(key)):
             return float(row[key])
     return None
 
 
-def _as_pct(values: list[float]) -> float:
+def percent_scale(values: list[float]) -> float:
     """mIoU in results.csv as a fraction (0-1, like metrics/) -> x100; already-percent values are kept."""
     return 1.0 if values and max(values) > 1.0 else 100.0
 
@@ -423,7 +441,7 @@ def kh_grid(rows: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
     out = {}
     for model in sorted({r["model"] for r in rows}):
         trials = [r for r in rows if r["model"] == model and r.get("acf.mixtures") is not None
-                  and r.get("acf.heads") is not None and _sweep_score(r) is not None]
+                  and r.get("acf.heads") is not None and sweep_score(r) is not None]
         if not trials:
             continue
         ks = sorted({r["acf.mixtures"] for r in trials})
@@ -431,7 +449,7 @@ def kh_grid(rows: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
         grid = np.full((len(ks), len(hs)), np.nan)
         for r in trials:
             i, j = ks.index(r["acf.mixtures"]), hs.index(r["acf.heads"])
-            grid[i, j] = np.nanmax([grid[i, j], _sweep_score(r)])
+            grid[i, j] = np.nanmax([grid[i, j], sweep_score(r)])
         out[model] = (ks, hs, grid)
     return out
 
@@ -440,16 +458,16 @@ def per_key_best(rows: list[dict], key: str) -> list[tuple[Any, float, int]]:
     """(value, best mIoU, trials) for each value of a swept key."""
     by: dict[Any, list[float]] = {}
     for r in rows:
-        if r.get(key) is not None and _sweep_score(r) is not None:
-            by.setdefault(r[key], []).append(_sweep_score(r))
+        if r.get(key) is not None and sweep_score(r) is not None:
+            by.setdefault(r[key], []).append(sweep_score(r))
     return [(v, max(s), len(s)) for v, s in sorted(by.items(), key=lambda kv: (str(type(kv[0])), kv[0]))]
 
 
-def _value(v: Any) -> str:
+def value_text(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -458,17 +476,17 @@ def add_complexity_section(doc: Document, rows: list[dict]) -> None:
 
     doc.heading("Complexity (MCIBI Table 3)")
     setting = "input 1×2048×128×128, 512 channels, 150 classes"
-    has_paper_time = any(_finite(complexity.PAPER_TABLE3.get(r["module"], {}).get("time_ms")) for r in rows)
+    has_paper_time = any(finite(complexity.PAPER_TABLE3.get(r["module"], {}).get("time_ms")) for r in rows)
     headers = ["module", "params (M)", "FLOPs (G)", "CPU latency (ms)", "paper: params (M)", "paper: FLOPs (G)"]
     if has_paper_time:
         headers.append("paper: time (ms, V100)")
     body = []
     for r in rows:
         paper = complexity.PAPER_TABLE3.get(r["module"], {})
-        line = [r["module"], _num(r["params_M"]), _num(r["flops_G"], 1), _num(r.get("latency_ms"), 1),
-                _num(r.get("paper_params_M")), _num(r.get("paper_flops_G"), 1)]
+        line = [r["module"], fmt_num(r["params_M"]), fmt_num(r["flops_G"], 1), fmt_num(r.get("latency_ms"), 1),
+                fmt_num(r.get("paper_params_M")), fmt_num(r.get("paper_flops_G"), 1)]
         if has_paper_time:
-            line.append(_num(paper.get("time_ms"), 1))
+            line.append(fmt_num(paper.get("time_ms"), 1))
         body.append(line)
     doc.table(headers, body, caption=f"Decode-head feature path; params and FLOPs measured here in the paper's "
                                      f"setting ({setting}; FLOPs = 2 per multiply-add)")
@@ -478,3 +496,210 @@ def add_complexity_section(doc: Document, rows: list[dict]) -> None:
                   "Columns marked **paper** are the figures printed in MCIBI Table 3 (Jin et al., ICCV 2021; its "
                   "timings were taken on a V100 GPU); they are the paper's numbers, not ours, and `n/a` means the "
                   "figure was not transcribed into `ctxseg/models/complexity.py`.")
+
+
+def kh_epochs(rows: list[dict], grids: dict[str, tuple[list, list, np.ndarray]]) -> dict[str, np.ndarray]:
+    """model -> epochs run by the trial behind each cell of :func:`kh_grid` (NaN where no trial)."""
+    out = {}
+    for model, (ks, hs, grid) in grids.items():
+        epochs = np.full(grid.shape, np.nan)
+        for r in rows:
+            if r["model"] != model or r.get("acf.mixtures") not in ks or r.get("acf.heads") not in hs:
+                continue
+            i, j = ks.index(r["acf.mixtures"]), hs.index(r["acf.heads"])
+            if sweep_score(r) is not None and sweep_score(r) == grid[i, j] and finite(r.get("epochs")):
+                epochs[i, j] = r["epochs"] if not np.isfinite(epochs[i, j]) else max(epochs[i, j], r["epochs"])
+        out[model] = epochs
+    return out
+
+
+def _epochs_note(epochs: Any, longest: Any) -> str:
+    if not finite(epochs):
+        return ""
+    return f"{int(epochs)} ep" + ("" if not finite(longest) or epochs >= longest else " (stopped early)")
+
+
+def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Path, root: Path,
+                      enabled: bool = True) -> None:
+    """Sweep results of ``tune/``: the K x H grid (CFNet Table 3), each swept MCIBI / ACF key, the best trials."""
+    from ctxseg.visualize import heatmap_figure, save_png, sweep_scatter_figure
+
+    doc.heading("Sweep results (tune)")
+    if not enabled:
+        doc.paragraph("Sweep results are switched off (`report.sweeps: false`).")
+        return
+    if not results.is_file():
+        doc.paragraph(f"No sweep results: `{results.relative_to(root)}` does not exist "
+                      "(run `dvc repro tune` to sweep K x H for ACF and m0 / α / β for MCIBI).")
+        return
+    rows = read_sweep(results)
+    if not rows:
+        doc.paragraph(f"No sweep results: `{results.relative_to(root)}` holds no trials.")
+        return
+    scale = percent_scale([s for s in (sweep_score(r) for r in rows) if s is not None])
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r.get("status") or "?"] = statuses.get(r.get("status") or "?", 0) + 1
+    keys = swept_keys(rows)
+    longest = {m: max((r["epochs"] for r in rows if r["model"] == m and finite(r.get("epochs"))), default=None)
+               for m in {r["model"] for r in rows}}
+    doc.paragraph(f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) over "
+                  f"{', '.join(f'`{k}`' for k in keys) or 'no swept key'}; a trial's score is its best validation "
+                  "mIoU (early-stopped trials keep the best they reached). ASHA stops weak trials early: the "
+                  "epochs each trial ran are given beside its score, and a score reached in fewer epochs than "
+                  "the longest trials is not a like-for-like comparison.")
+    grids = kh_grid(rows)
+    epochs = kh_epochs(rows, grids)
+    for model, (ks, hs, grid) in grids.items():
+        doc.table(["K (acf.mixtures) \\ H (acf.heads)"] + [str(h) for h in hs],
+                  [[str(k)] + [fmt_num(scale * v, 2) if np.isfinite(v) else "–" for v in grid[i]] for i, k in enumerate(ks)],
+                  caption=f"{model}: best mIoU (%) over K mixtures × H heads (layout of CFNet Table 3)")
+        doc.table(["K \\ H: epochs the best trial ran"] + [str(h) for h in hs],
+                  [[str(k)] + [_epochs_note(e, longest.get(model)) or "–" for e in epochs[model][i]]
+                   for i, k in enumerate(ks)],
+                  caption=f"{model}: epochs run by the trial behind each cell (longest trial: "
+                          f"{fmt_num(longest.get(model), 0)} epochs)")
+        notes = [[_epochs_note(e, longest.get(model)).replace(" (stopped early)", "*") for e in row]
+                 for row in epochs[model]]
+        doc.image(save_png(heatmap_figure(scale * grid, ks, hs, "H (acf.heads)", "K (acf.mixtures)",
+                                          f"{model}: mIoU (%) over K × H", notes=notes),
+                           figures / f"sweep_kh_{safe_name(model)}.png"),
+                  f"{model}: best validation mIoU (%) per K × H, with the epochs its trial ran "
+                  "(* = stopped early by ASHA)")
+    series = {}
+    for key in [k for k in keys if k not in ("acf.mixtures", "acf.heads")]:
+        best = per_key_best(rows, key)
+        if not best:
+            continue
+        doc.table([key, "best mIoU (%)", "trials", "epochs (best trial)"],
+                  [[value_text(v), fmt_num(scale * s, 2), str(n), _epochs_note(e, longest.get(m)) or "–"]
+                   for v, s, n, e, m in _per_key_best_epochs(rows, key, best)],
+                  caption=f"mIoU against {key}" + (f" ({SYMBOL[key]})" if key in SYMBOL else ""))
+        scored = [r for r in rows if finite(r.get(key)) and sweep_score(r) is not None]
+        if scored:
+            series[f"{key} ({SYMBOL[key]})" if key in SYMBOL else key] = (
+                [r[key] for r in scored], [scale * sweep_score(r) for r in scored],
+                [bool(finite(r.get("epochs")) and finite(longest.get(r["model"])) and r["epochs"] < longest[r["model"]])
+                 for r in scored])
+    if series:
+        doc.image(save_png(sweep_scatter_figure(series), figures / "sweep_params.png"),
+                  "Every trial's validation mIoU (%) against each swept MCIBI / ACF setting "
+                  "(hollow markers: trials ASHA stopped early)")
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        best_row = max((r for r in rows if r["model"] == model and sweep_score(r) is not None), key=sweep_score,
+                       default=None)
+        if best_row is not None:
+            setting = ", ".join(f"{k}={value_text(best_row[k])}" for k in keys if best_row.get(k) is not None)
+            ran = _epochs_note(best_row.get("epochs"), longest.get(model))
+            lines.append(f"`{model}`: trial `{best_row.get('trial_id', '?')}` ({setting}), mIoU "
+                         f"{fmt_num(scale * sweep_score(best_row))}%" + (f" after {ran}" if ran else ""))
+    if lines:
+        doc.paragraph("Best trial per swept model (short trials: compare trials with each other, not with the main "
+                      "table's fully trained models):")
+        doc.bullets(lines)
+    if best_yaml.is_file():
+        text = best_yaml.read_text(encoding="utf-8").strip()
+        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+        if comments:  # the tune stage's summary header (the full configs follow it in the file)
+            doc.paragraph(f"`{best_yaml.relative_to(root)}` (summary; the file holds the full model configs):")
+            doc.code("\n".join(comments))
+        else:
+            doc.paragraph(f"`{best_yaml.relative_to(root)}`:")
+            doc.code(text if len(text.splitlines()) <= 40 else "\n".join(text.splitlines()[:40]) + "\n...")
+
+
+def _per_key_best_epochs(rows: list[dict], key: str, best: list[tuple]) -> list[tuple]:
+    """``best`` rows of :func:`per_key_best` with the epochs and model of the trial behind each."""
+    out = []
+    for value, score, n in best:
+        trial = next((r for r in rows if r.get(key) == value and sweep_score(r) == score), {})
+        out.append((value, score, n, trial.get("epochs"), trial.get("model")))
+    return out
+
+
+def complexity_rows(latency_in_channels: int, latency_size: int, latency_channels: int, latency_repeats: int,
+                    num_classes: int) -> list[dict]:
+    """Params / FLOPs in the paper's setting (:mod:`ctxseg.models.complexity`) + our measured CPU latency."""
+    import torch
+
+    from ctxseg.inference import measure_latencies
+    from ctxseg.models import complexity
+
+    rows = complexity.complexity_table(device="meta")
+    cases = {}
+    for i, row in enumerate(rows):
+        torch.manual_seed(i)
+        head = complexity.build_head(row["framework"], row["context"], latency_in_channels, latency_channels,
+                                     num_classes)
+        x = torch.randn(1, latency_in_channels, latency_size, latency_size)
+        soft = torch.randn(1, num_classes, latency_size, latency_size) if head.needs_soft_regions else None
+        cases[row["module"]] = (head, (x, soft))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: steadier on a shared machine, and comparable between machines
+    try:
+        timings = measure_latencies(cases, warmup=1, repeats=latency_repeats)
+    finally:
+        torch.set_num_threads(threads)
+    setting = (f"1×{latency_in_channels}×{latency_size}×{latency_size}, {latency_channels} channels, "
+               f"CPU, 1 thread, best of {latency_repeats} round-robin runs")
+    for row in rows:
+        row["latency_ms"] = timings[row["module"]]["min_ms"]
+        row["latency_setting"] = setting
+    return rows
+
+
+def trained_cost_rows(records: list[dict], image_size: Optional[Sequence[int]]) -> list[dict]:
+    """Cost of each trained model as it was trained and scored: params, GFLOPs of one forward pass on an
+    image of ``image_size`` (counted on the meta device; None if it cannot be counted) and the
+    seconds per image measured by the evaluate stage."""
+    out = []
+    for r in records:
+        m = r["metrics"]
+        out.append({"name": r["name"], "framework": r["framework"], "context": r["context"],
+                    "params_M": m["num_params"] / 1e6 if finite(m.get("num_params")) else None,
+                    "flops_G": _model_gflops(r, image_size) if image_size else None,
+                    "seconds_per_image": m.get("seconds_per_image"),
+                    "device": (m.get("inference") or {}).get("device")})
+    return out
+
+
+def _model_gflops(record: dict, image_size: Sequence[int]) -> Optional[float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctxseg.models import build_segmentor
+    from ctxseg.models import complexity  # noqa: F401  (registers the FLOP rules of fused attention)
+
+    cfg, num_classes = record.get("config"), len(record["metrics"].get("per_class_iou") or {}) or 2
+    if cfg is None:
+        return None
+    try:
+        config = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"pretrained": None})})
+        with torch.device("meta"):
+            model = build_segmentor(config, num_classes).eval()
+            x = torch.randn(1, 3, int(image_size[0]), int(image_size[1]))
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+        return counter.get_total_flops() / 1e9
+    except Exception:  # a model the meta device cannot run: the table says n/a
+        return None
+
+
+def add_trained_cost_table(doc: Document, rows: list[dict], image_size: Optional[Sequence[int]]) -> None:
+    """The cost of the models actually trained here, with the change against each framework's baseline."""
+    base = {r["framework"]: r for r in rows if r["context"] == "none"}
+    body = []
+    for r in rows:
+        b = base.get(r["framework"])
+        diff = (lambda key: "" if b is None or b is r or not (finite(r[key]) and finite(b[key]))
+                else f"{r[key] - b[key]:+.2f}")
+        body.append([r["name"], fmt_num(r["params_M"]), diff("params_M"), fmt_num(r["flops_G"], 2), diff("flops_G"),
+                     fmt_num(1000 * r["seconds_per_image"], 1) if finite(r["seconds_per_image"]) else "n/a",
+                     r["device"] or "–"])
+    size = f"{image_size[0]}×{image_size[1]}" if image_size else "n/a"
+    doc.table(["model", "params (M)", "Δ params", f"GFLOPs ({size} image)", "Δ GFLOPs", "ms / image (evaluate)",
+               "device"], body,
+              caption="Cost of the models trained here (whole model, as trained; ms / image: the evaluate stage's "
+                      "inference time per image, every test scale included)")

@@ -43,6 +43,14 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def series_colours(names: Sequence[str]) -> dict[str, tuple]:
+    """One fixed colour per name (tab10, then tab20, in the given order): pass the same mapping to
+    every figure so that a model has the same colour everywhere."""
+    plt = pyplot()
+    cmap = plt.get_cmap("tab10") if len(names) <= 10 else plt.get_cmap("tab20")
+    return {name: tuple(cmap(i % cmap.N)) for i, name in enumerate(names)}
+
+
 def _colour(palette: Sequence, k: int) -> tuple:
     if palette and k < len(palette):
         return tuple(c / 255.0 for c in palette[k])
@@ -137,7 +145,7 @@ def pca_2d(x: np.ndarray, fit: Optional[np.ndarray] = None) -> tuple[np.ndarray,
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _grouped_class_bars(series: Mapping[str, Mapping[str, Optional[float]]]):
+def _grouped_class_bars(series: Mapping[str, Mapping[str, Optional[float]]], colours: Optional[Mapping] = None):
     """Horizontal bars, one group per class and one bar per series (fractions drawn as %; None/NaN = no bar)."""
     plt = pyplot()
     names = list(series)
@@ -149,14 +157,15 @@ def _grouped_class_bars(series: Mapping[str, Mapping[str, Optional[float]]]):
     for i, name in enumerate(names):
         values = [series[name].get(c) for c in classes]
         values = [np.nan if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in values]
-        ax.barh(y + i * height, values, height, label=name)
+        ax.barh(y + i * height, values, height, label=name, color=(colours or {}).get(name))
     ax.set_yticks(y + 0.4 - height / 2, classes)
     return fig, ax
 
 
-def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], title: str = "Per-class IoU"):
+def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], title: str = "Per-class IoU",
+                         colours: Optional[Mapping] = None):
     """Grouped horizontal bars: one group per class, one bar per model (IoU in %; missing = no bar)."""
-    fig, ax = _grouped_class_bars(series)
+    fig, ax = _grouped_class_bars(series, colours)
     ax.invert_yaxis()
     ax.set_xlabel("IoU (%)")
     ax.set_xlim(0, 100)
@@ -168,11 +177,11 @@ def per_class_iou_figure(series: Mapping[str, Mapping[str, Optional[float]]], ti
 
 
 def per_class_delta_figure(deltas: Mapping[str, Mapping[str, Optional[float]]], baseline: str,
-                           highlight: Sequence[str] = ()):
+                           highlight: Sequence[str] = (), colours: Optional[Mapping] = None):
     """Per-class IoU change (points) of each context model against ``baseline``; ``highlight``ed
     classes (e.g. those only context can tell apart) get bold labels."""
     names = list(deltas)
-    fig, ax = _grouped_class_bars(deltas)
+    fig, ax = _grouped_class_bars(deltas, colours)
     for label in ax.get_yticklabels():
         if label.get_text() in highlight:
             label.set_fontweight("bold")
@@ -218,12 +227,16 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str 
 def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
                            panels: Sequence[tuple[str, str, str]] = (
                                ("loss", "training loss", "iteration"),
-                               ("val_mIoU", "validation mIoU", "epoch"))):
+                               ("val_mIoU", "validation mIoU (%)", "epoch")),
+                           colours: Optional[Mapping] = None, loss_title: Optional[str] = None):
     """One panel per metric (``(key, title, x label)``), one line per model. ``curves[model][key] = (x, y)``.
 
-    Panels with no data in any model are left out.
+    Panels with no data in any model are left out; ``loss_title`` renames the ``loss`` panel (say
+    which loss it shows); ``colours`` maps a model to its colour.
     """
     plt = pyplot()
+    if loss_title:
+        panels = [(k, loss_title if k == "loss" else t, x) for k, t, x in panels]
     panels = [p for p in panels if any(p[0] in c for c in curves.values())] or list(panels[:1])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, title, xlabel) in zip(axes[0], panels):
@@ -231,8 +244,9 @@ def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[floa
             if key not in series:
                 continue
             x, y = series[key]
-            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=name)
-        ax.set_title(title)
+            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=name,
+                    color=(colours or {}).get(name))
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -243,12 +257,23 @@ def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[floa
 
 def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequence[np.ndarray],
                             predictions: Mapping[str, Sequence[Optional[np.ndarray]]], palette: Sequence,
-                            row_titles: Optional[Sequence[str]] = None):
-    """MCIBI Fig 4 layout: rows = images; columns = image, ground truth, then one column per model."""
+                            row_titles: Optional[Sequence[str]] = None,
+                            class_names: Optional[Sequence[str]] = None):
+    """MCIBI Fig 4 layout: rows = images; columns = image, ground truth, then one column per model.
+
+    With ``class_names``, a legend below the grid names the colour of every class shown (ground truth
+    or prediction) and black = ignore.
+    """
+    from matplotlib.patches import Patch
+
     plt = pyplot()
     cols = 2 + len(predictions)
     rows = len(images)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3), squeeze=False)
+    shown = sorted({int(k) for a in list(ground_truths) + [p for ps in predictions.values() for p in ps if p is not None]
+                    for k in np.unique(a) if k < len(palette)})
+    legend_rows = math.ceil(len(shown) / max(cols + 1, 4)) if class_names else 0
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3 + 0.28 * (legend_rows + 1)),
+                             squeeze=False)
     titles = ["image", "ground truth"] + list(predictions)
     for r in range(rows):
         cells = [images[r], colorize(ground_truths[r], palette)]
@@ -267,7 +292,15 @@ def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequenc
                 ax.set_title(titles[c], fontsize=9)
             if c == 0 and row_titles:
                 ax.set_ylabel(row_titles[r], fontsize=7)
-    fig.tight_layout()
+    if class_names:
+        handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="0.4",
+                         label=class_names[k] if k < len(class_names) else str(k)) for k in shown]
+        handles.append(Patch(facecolor="black", edgecolor="0.4", label="ignore"))
+        fig.legend(handles=handles, loc="lower center", ncol=max(cols + 1, 4), fontsize=7, frameon=False)
+        height = fig.get_size_inches()[1]
+        fig.tight_layout(rect=(0, 0.28 * (legend_rows + 1) / height, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -315,8 +348,10 @@ def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str],
 
 
 def heatmap_figure(grid: np.ndarray, row_labels: Sequence, col_labels: Sequence, xlabel: str, ylabel: str,
-                   title: str, fmt: str = "{:.1f}"):
-    """Annotated heatmap (e.g. the K x H mIoU grid of CFNet Table 3); NaN cells are blank."""
+                   title: str, fmt: str = "{:.1f}", notes: Optional[Sequence[Sequence[str]]] = None):
+    """Annotated heatmap (e.g. the K x H mIoU grid of CFNet Table 3); NaN cells are blank.
+
+    ``notes[i][j]`` (e.g. how many epochs the cell's trial ran) is printed under the value."""
     plt = pyplot()
     g = np.asarray(grid, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.2, 0.8 * len(row_labels) + 1.6))
@@ -330,22 +365,29 @@ def heatmap_figure(grid: np.ndarray, row_labels: Sequence, col_labels: Sequence,
     for i in range(g.shape[0]):
         for j in range(g.shape[1]):
             if np.isfinite(g[i, j]):
-                ax.text(j, i, fmt.format(g[i, j]), ha="center", va="center", fontsize=9,
-                        color="black" if g[i, j] > mid else "white")
+                note = notes[i][j] if notes is not None else ""
+                ax.text(j, i, fmt.format(g[i, j]) + (f"\n{note}" if note else ""), ha="center", va="center",
+                        fontsize=9 if not note else 8, color="black" if g[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
-def sweep_scatter_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ylabel: str = "mIoU (%)"):
-    """One panel per swept key: every trial's mIoU against the key's value, the best per value joined."""
+def sweep_scatter_figure(series: Mapping[str, tuple], ylabel: str = "mIoU (%)"):
+    """One panel per swept key: every trial's mIoU against the key's value, the best per value joined.
+
+    ``series[key] = (x, y)`` or ``(x, y, stopped_early)``: trials stopped early are drawn hollow."""
     plt = pyplot()
     keys = list(series)
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.1), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        x, y = (np.asarray(v, dtype=np.float64) for v in series[key])
-        ax.scatter(x, y, s=16, alpha=0.7)
+        x, y = (np.asarray(v, dtype=np.float64) for v in series[key][:2])
+        stopped = np.asarray(series[key][2] if len(series[key]) > 2 else [False] * len(x), dtype=bool)
+        if (~stopped).any():
+            ax.scatter(x[~stopped], y[~stopped], s=16, alpha=0.8, color="C0", label="ran to the end")
+        if stopped.any():
+            ax.scatter(x[stopped], y[stopped], s=16, facecolors="none", edgecolors="C0", label="stopped early (ASHA)")
         if len(x):
             xs = np.unique(x)
             best = [np.nanmax(y[x == v]) for v in xs]
@@ -356,3 +398,25 @@ def sweep_scatter_figure(series: Mapping[str, tuple[Sequence[float], Sequence[fl
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def class_spread(means: np.ndarray, classes: np.ndarray, memory: Optional[np.ndarray] = None) -> dict:
+    """How tightly per-image class features gather, in the full feature space (what Fig 3 is meant to show).
+
+    ``to_centre``: mean distance of a point to its class's mean point; ``to_memory``: mean distance
+    of a point to its class's memory entry (when ``memory`` is given); ``between_centres``: mean
+    distance between class means (the scale to compare the two with).
+    """
+    means = np.asarray(means, dtype=np.float64)
+    classes = np.asarray(classes)
+    present = np.unique(classes)
+    centres = {int(k): means[classes == k].mean(0) for k in present}
+    to_centre = float(np.mean([np.linalg.norm(m - centres[int(k)]) for m, k in zip(means, classes)])) if len(means) else float("nan")
+    c = np.stack(list(centres.values())) if centres else np.zeros((0, means.shape[1] if means.ndim == 2 else 0))
+    pair = [np.linalg.norm(c[i] - c[j]) for i in range(len(c)) for j in range(i + 1, len(c))]
+    out = {"to_centre": to_centre, "between_centres": float(np.mean(pair)) if pair else float("nan")}
+    if memory is not None and len(memory):
+        mem = np.asarray(memory, dtype=np.float64)
+        out["to_memory"] = float(np.mean([np.linalg.norm(m - mem[int(k)]) for m, k in zip(means, classes)
+                                          if int(k) < len(mem)]))
+    return out

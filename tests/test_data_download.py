@@ -193,20 +193,85 @@ def test_download_dataset_from_local_mirror_then_prepare(data_server, tmp_path):
         download_dataset(cfg2, tmp_path / "raw2")
 
 
+def _zip_bytes(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
 def test_recorded_sha256_verified_afterwards(data_server, tmp_path):
     handler, base = data_server
-    data = b"coco-stuff-10k-archive" * 100
+    data = _zip_bytes({"cocostuff-10k-v1.1/readme.txt": b"coco-stuff-10k-archive" * 100})
     handler.files["cocostuff-10k-v1.1.zip"] = data
     cfg = DataConfig(name="coco_stuff10k", mirror=base, download_dir=str(tmp_path / "dl"), download_retries=0)
-    # no published checksum: first download records a sha256 (the fabricated file is no zip, so the
-    # layout check fails afterwards, but the record stays)
-    with pytest.raises(DownloadError, match="not a readable zip or tar"):
+    # no published checksum: first download records a sha256 of the complete archive, keyed by its own
+    # name (the fabricated zip lacks the layout, so the layout check fails afterwards, but the record stays)
+    with pytest.raises(DownloadError, match="cannot find cocostuff-10k-v1.1"):
         download_dataset(cfg, tmp_path / "raw")
     book = json.loads((tmp_path / "dl" / "checksums.json").read_text())
     assert book == {"cocostuff-10k-v1.1.zip": f"sha256:{hashlib.sha256(data).hexdigest()}"}
-    (tmp_path / "dl" / "cocostuff-10k-v1.1.zip").write_bytes(data[:-1] + b"X")  # corrupted later
-    with pytest.raises(ChecksumError, match="recorded in"):
+    local = tmp_path / "dl" / "cocostuff-10k-v1.1.zip"
+    local.write_bytes(data[:-1] + b"X")  # corrupted later
+    with pytest.raises(ChecksumError, match="recorded in") as ei:
         download_dataset(cfg, tmp_path / "raw")
+    msg = str(ei.value)
+    assert "recorded checksum failed" in msg and "published" not in msg and ".part" not in msg
+    assert f"python -m ctxseg.data.download --record {local}" in msg
+
+
+def test_truncated_first_download_is_not_recorded(data_server, tmp_path):
+    """A served file that is itself truncated (consistent Content-Length) lists incompletely: refused,
+    deleted, not recorded; the complete file is then accepted and recorded."""
+    handler, base = data_server
+    good = _zip_bytes({f"cocostuff-10k-v1.1/f{i}.txt": _payload(20_000, seed=i) for i in range(4)})
+    handler.files["cocostuff-10k-v1.1.zip"] = good[: len(good) // 2]
+    cfg = DataConfig(name="coco_stuff10k", mirror=base, download_dir=str(tmp_path / "dl"), download_retries=0)
+    with pytest.raises(DownloadError) as ei:
+        download_dataset(cfg, tmp_path / "raw")
+    msg = str(ei.value)
+    assert "incomplete or damaged" in msg and "not recorded" in msg and "cocostuff-10k-v1.1.zip" in msg
+    assert ".part" not in msg.split("(")[0]
+    assert not (tmp_path / "dl" / "checksums.json").exists()
+    assert not (tmp_path / "dl" / "cocostuff-10k-v1.1.zip").exists()
+    assert not (tmp_path / "dl" / "cocostuff-10k-v1.1.zip.part").exists()
+    # a connection dropped before Content-Length bytes arrived: kept for resuming, not recorded
+    handler.files["cocostuff-10k-v1.1.zip"] = good
+    handler.drop_after["cocostuff-10k-v1.1.zip"] = 1000
+    with pytest.raises(DownloadError, match="nothing was recorded"):
+        download_dataset(cfg, tmp_path / "raw")
+    assert not (tmp_path / "dl" / "checksums.json").exists()
+    assert (tmp_path / "dl" / "cocostuff-10k-v1.1.zip.part").stat().st_size == 1000
+    # the complete file is accepted (resumed) and recorded under the archive's own name
+    with pytest.raises(DownloadError, match="cannot find cocostuff-10k-v1.1"):
+        download_dataset(cfg, tmp_path / "raw")
+    book = json.loads((tmp_path / "dl" / "checksums.json").read_text())
+    assert book == {"cocostuff-10k-v1.1.zip": f"sha256:{hashlib.sha256(good).hexdigest()}"}
+
+
+def test_checksum_messages_name_the_kind(tmp_path):
+    arc = tmp_path / "camvid.tgz"
+    with tarfile.open(arc, "w:gz") as tf:
+        _add(tf, "x/readme.txt", b"x")
+    with pytest.raises(ChecksumError, match=r"\(published checksum failed\)"):
+        download_dataset(DataConfig(name="camvid", source=str(arc)), tmp_path / "raw")
+    with pytest.raises(ChecksumError, match=r"\(override checksum failed\).*your override data.checksums"):
+        download_dataset(DataConfig(name="camvid", source=str(arc), checksums={"camvid.tgz": "md5:" + "1" * 32}),
+                         tmp_path / "raw")
+
+
+def test_rerecord_command(tmp_path):
+    from ctxseg.data.download import main
+
+    arc = tmp_path / "stuff.zip"
+    arc.write_bytes(_zip_bytes({"a.txt": b"a"}))
+    book = tmp_path / "checksums.json"
+    assert main(["--record", str(arc), "--book", str(book)]) == 0
+    assert json.loads(book.read_text()) == {"stuff.zip": f"sha256:{hashlib.sha256(arc.read_bytes()).hexdigest()}"}
+    arc.write_bytes(arc.read_bytes()[:30])  # a truncated file is never recorded
+    assert main(["--record", str(arc), "--book", str(book)]) == 2
+    assert json.loads(book.read_text())["stuff.zip"] != f"sha256:{hashlib.sha256(arc.read_bytes()).hexdigest()}"
 
 
 def test_no_source_for_gated_dataset_says_what_to_get(tmp_path):

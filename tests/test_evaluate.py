@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctxseg.config import ConfigError, parse_params
+from ctxseg.config import parse_params
 from ctxseg.models import ModelConfig, build_segmentor
 from pipeline import common
 
@@ -124,24 +124,25 @@ def test_evaluate_without_multi_scale_has_no_ms_block_and_baseline_has_no_memory
 
 
 def test_class_count_mismatch_and_missing_model_are_clear_errors(tmp_path):
-    from pipeline.evaluate import evaluate_model, load_trained
+    from ctxseg.checkpoint import ModelFileError, read_model_file
+    from pipeline.evaluate import evaluate_model
 
     params = small_params()
     paths = common.Paths(params, root=tmp_path)
     make_prepared(paths.prepared, n=1)
-    with pytest.raises(FileNotFoundError, match="dvc repro train"):
+    with pytest.raises(ModelFileError, match="dvc repro train"):
         evaluate_model(params, "fcn", paths)
     save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"], num_classes=6)
-    with pytest.raises(ConfigError, match="predicts 6 classes but the dataset has 4"):
+    with pytest.raises(ModelFileError, match="predicts 6 classes but the dataset has 4"):
         evaluate_model(params, "fcn", paths)
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"not a torch file")
-    with pytest.raises(ConfigError, match="garbage.pt"):
-        load_trained(bad)
+    with pytest.raises(ModelFileError, match="garbage.pt"):
+        read_model_file(bad)
 
 
 def test_sample_indices_are_fixed_and_spread():
-    from pipeline.evaluate import sample_indices
+    from ctxseg.evaluation import sample_indices
 
     assert sample_indices(10, 4) == [0, 3, 6, 9]
     assert sample_indices(3, 5) == [0, 1, 2]

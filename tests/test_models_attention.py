@@ -52,6 +52,22 @@ def test_dca_matches_explicit_reference_odd_size():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def reference_prior(acf: ACF, x: torch.Tensor) -> torch.Tensor:
+    """CFNet §2.1 by loops: pi_k = exp(w_k^T v_bar) / sum_k' exp(w_k'^T v_bar), v_bar = (1/N) sum_i v_i,
+    v_i = Phi_t(x_i) the target vectors; per head, on the head's slice of v, with its own w_k."""
+    b = x.shape[0]
+    hh, kk, dv = acf.heads, acf.mixtures, acf.value_dim
+    t = acf.phi(x).flatten(2)  # v_i as columns, [B, C, N]
+    w = acf.prior.weight.view(hh, kk, dv)  # w_k per head
+    prior = torch.zeros(b, hh, kk, dtype=x.dtype)
+    for n in range(b):
+        for head in range(hh):
+            v_bar = sum(t[n, head * dv:(head + 1) * dv, i] for i in range(t.shape[-1])) / t.shape[-1]
+            logits = torch.stack([(w[head, k] * v_bar).sum() for k in range(kk)])
+            prior[n, head] = logits.exp() / logits.exp().sum()
+    return prior
+
+
 def reference_acf(acf: ACF, x: torch.Tensor) -> torch.Tensor:
     """Explicit mixture of softmaxes: P = sum_k pi_k softmax(s_k); z = P Psi(x_pool), per head."""
     b, _, h, w = x.shape
@@ -60,7 +76,7 @@ def reference_acf(acf: ACF, x: torch.Tensor) -> torch.Tensor:
     pooled = torch.nn.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
     c = acf.phi(pooled).flatten(2)
     v = acf.psi(pooled).flatten(2)
-    prior = torch.softmax(acf.prior(x.mean(dim=(2, 3))).view(b, hh, kk), dim=-1)
+    prior = reference_prior(acf, x)
     outs = []
     for head in range(hh):
         probs = 0
@@ -86,6 +102,24 @@ def test_acf_matches_explicit_mos_reference(heads, mixtures, phi, scale):
         q, k, v, prior = acf.components(x)
         assert k.shape[3] == 4 * 5 and q.shape[3] == 7 * 9
         assert torch.allclose(prior.sum(-1), torch.ones(2, heads))
+
+
+def test_cfnet_prior_is_a_softmax_on_the_mean_target_vector_per_head():
+    """pi_k = softmax(w_k^T v_bar) with v_bar the mean of Phi_t(x) (not of the raw input), per head."""
+    acf = _randomise_bn(ACF(6, channels=12, heads=3, mixtures=2))
+    with torch.no_grad():
+        for p in acf.prior.parameters():
+            p.normal_()
+        x = torch.randn(2, 6, 5, 4)
+        prior = acf.components(x)[3]
+        assert torch.allclose(prior, reference_prior(acf, x), atol=1e-6)
+        assert acf.prior.bias is None and acf.prior.weight.shape == (3 * 2, 12 // 3, 1)
+        # an input whose raw mean is unchanged but whose target vectors change moves the prior
+        shifted = x.clone()
+        shifted[:, :, 0, 0] += 3.0
+        shifted[:, :, 1, 1] -= 3.0
+        assert torch.allclose(shifted.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=1e-6)
+        assert not torch.allclose(acf.components(shifted)[3], prior, atol=1e-4)
 
 
 def test_mos_with_one_mixture_is_plain_softmax_attention():

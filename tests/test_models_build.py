@@ -193,8 +193,12 @@ def test_receptive_field_default_and_empirical():
     assert receptive_field(build_segmentor(ModelConfig(), 2)) == rf
     assert receptive_field({"framework": "deeplabv3"}) > 500  # atrous 36 at stride 8
     # the 3x3 concat fusion of MCIBI / ACF adds 2 * 8 px; a 1x1 fusion keeps the base RF
-    assert receptive_field({"context": "mcibi"}) == receptive_field({"context": "acf"}) == rf + 16
+    residual_acf = {"context": "acf", "acf": {"output": "residual_fusion"}}
+    assert receptive_field({"context": "mcibi"}) == receptive_field(residual_acf) == rf + 16
     assert receptive_field({"context": "mcibi", "fusion_kernel": 1}) == rf
+    # CFNet's own path (Fig 3) has no fusion conv: concat -> the last (1x1) conv; the 1x1 Phi adds nothing
+    assert receptive_field({"context": "acf"}) == rf
+    assert receptive_field({"context": "acf", "acf": {"phi": "atrous"}}) == rf + 2 * 4 * 8  # 3x3 rate 4 at stride 8
     # empirical: the gradient of one central pre-upsampling logit w.r.t. the input covers <= rf pixels
     model = build_segmentor(ModelConfig(), 2).eval()
     for p in model.parameters():  # positive weights: no ReLU dead zones, so the support is the full RF

@@ -24,17 +24,18 @@ def _seed():
 
 # ---------------------------------------------------------------- Eq 7
 def test_eq7_poly_momentum():
+    # MCIBI Eq 7: m_t = (1 - t/T)^p (m0 - m0/100) + m0/100; the floor m0/100 is reached at t = T
     assert poly_momentum(0.0, 0.9, 0.9) == pytest.approx(0.9)
-    assert poly_momentum(0.5, 0.9, 0.9) == pytest.approx(0.9 * 0.5 ** 0.9)
-    assert poly_momentum(1.0, 0.9, 0.9) == 0.0
-    assert poly_momentum(1.7, 0.9, 0.9) == 0.0 and poly_momentum(-1, 0.9, 0.9) == pytest.approx(0.9)
+    assert poly_momentum(0.5, 0.9, 0.9) == pytest.approx(0.5 ** 0.9 * (0.9 - 0.009) + 0.009)
+    assert poly_momentum(1.0, 0.9, 0.9) == pytest.approx(0.009) and poly_momentum(1.0, 0.9, 0.9) > 0
+    assert poly_momentum(1.7, 0.9, 0.9) == pytest.approx(0.009) and poly_momentum(-1, 0.9, 0.9) == pytest.approx(0.9)
 
 
 def test_eq7_through_training_forward():
     model = build_segmentor({"context": "mcibi", "channels": 8, "mcibi": {"momentum": 0.8, "momentum_power": 2.0}},
                             3).train()
     x, y = torch.randn(1, 3, 32, 32), torch.randint(0, 3, (1, 32, 32))
-    for t, expected in [(0.0, 0.8), (0.5, 0.8 * 0.25), (1.0, 0.0)]:
+    for t, expected in [(0.0, 0.8), (0.5, 0.25 * (0.8 - 0.008) + 0.008), (1.0, 0.008)]:
         out = model(x, y, t)
         assert float(out["memory_momentum"]) == pytest.approx(expected)
 

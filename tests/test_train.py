@@ -14,7 +14,8 @@ from conftest import TINY
 from ctxseg.config import deep_merge, parse_params
 from ctxseg.engine import NonFiniteLossError
 from pipeline import common
-from pipeline.train import FAULT_ENV, train_model
+from faults import CrashOnceAt, ship_by_value
+from pipeline.train import train_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,17 +64,18 @@ def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_roo
         "train": {"epochs": 2, "batch_size": 4, "max_failures": 1},
     })
     iters_per_epoch = 8 // 4  # 8 training images, global batch 4
-    monkeypatch.setenv(FAULT_ENV, str(iters_per_epoch + 1))  # mid epoch 2
-    summary = train_model(params, "ddp_mcibi", common.Paths(params, prepared_root))
+    ship_by_value()
+    summary = train_model(params, "ddp_mcibi", common.Paths(params, prepared_root),
+                          worker_callbacks=[CrashOnceAt(iters_per_epoch + 1, marker=str(prepared_root / "fault"))])
 
     model_dir = prepared_root / "models" / "ddp_mcibi"
-    assert (model_dir / ".fault_injected").exists(), "the fault was injected"
+    client, runs = runs_of(prepared_root, "ddp_mcibi")
+    assert (prepared_root / "fault").exists(), "the fault was injected (mid epoch 2)"
     assert summary["epochs"] == 2 and summary["iterations"] == 2 * iters_per_epoch
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     for h in summary["history"]:
         assert h["memory_rank_spread"] == 0.0
     # the restart resumed from the checkpoint: epoch 1 was not trained (or logged) twice
-    client, runs = runs_of(prepared_root, "ddp_mcibi")
     assert len(runs) == 1
     history = client.get_metric_history(runs[0].info.run_id, "val_mIoU")
     assert sorted(m.step for m in history) == [iters_per_epoch, 2 * iters_per_epoch]

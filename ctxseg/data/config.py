@@ -167,6 +167,14 @@ class DataConfig(_Strict):
     download_retries: int = Field(3, ge=0, le=100, description="retries (with resume) after a dropped connection")
     download_timeout: float = Field(60.0, gt=0, le=3600, description="socket timeout in seconds")
     keep_archives: bool = Field(True, description="keep downloaded archives next to the extracted data")
+    extract_max_ratio: float = Field(
+        100.0, gt=0, le=1_000_000, description="extraction of one archive stops past this many times the archive's "
+        "size (at least 64 MiB; never more than the free disk space): the zip-bomb guard")
+    extract_max_bytes: Optional[int] = Field(
+        None, ge=1, description="bytes one archive may extract to, replacing the ratio rule (e.g. for a genuine "
+        "archive that compresses better than extract_max_ratio); null = the ratio rule")
+    extract_max_members: int = Field(
+        1_000_000, ge=1, le=100_000_000, description="members one archive may hold")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     eval_short_side: Optional[int] = Field(

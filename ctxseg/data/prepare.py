@@ -249,6 +249,7 @@ def prepare_dataset(cfg, raw_dir: Path, out_dir: Path) -> Dict[str, Any]:
 
     raw_dir = Path(raw_dir)
     info = sources.dataset_info(cfg.name, cfg)
+    sources.check_raw(cfg, raw_dir)
     root = sources.resolve_root(cfg, raw_dir)
     listing = sources.list_samples(cfg, root)
     return convert_samples(listing.samples, listing.decoder, info, Path(out_dir), workers=cfg.preprocess_workers,

@@ -28,23 +28,64 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from ctxseg.data.datasets import get_dataset
 from ctxseg.data.decoders import rle_decode
 from ctxseg.data.layout import Listing, find_dirs
-from ctxseg.data.types import DatasetInfo, LayoutError
+from ctxseg.data.types import DatasetInfo, DataValidationError, LayoutError
+from ctxseg.errors import UserError
 
-__all__ = ["SOURCE_LINK", "EXTRACTED", "resolve_root", "list_samples", "dataset_info", "LayoutError",
-           "rle_decode", "find_dirs"]
+__all__ = ["SOURCE_LINK", "EXTRACTED", "DOWNLOAD_STAMP", "resolve_root", "list_samples", "dataset_info",
+           "source_id", "check_raw", "LayoutError", "rle_decode", "find_dirs"]
 
 log = logging.getLogger(__name__)
 
 SOURCE_LINK = "source.json"  # written by download_dataset when `source` is an extracted folder
 EXTRACTED = "extracted"  # archives are extracted into raw_dir/extracted/<archive stem>/
+DOWNLOAD_STAMP = "download.json"  # what made raw_dir: dataset, source, verified archives
 
 
 def dataset_info(name: str, cfg=None) -> DatasetInfo:
     return get_dataset(name).dataset_info(cfg)
+
+
+def source_id(cfg) -> Optional[str]:
+    """``data.source`` as an absolute path (what ``download.json`` records), or None."""
+    return str(Path(cfg.source).expanduser().resolve()) if cfg.source else None
+
+
+def check_raw(cfg, raw_dir: Path) -> None:
+    """Refuse raw data that params did not make: another dataset, another ``data.source`` (a stale
+    ``source.json`` never wins), or a generated set made from other settings.
+
+    Raises :class:`DataValidationError` saying to re-run the download stage."""
+    raw_dir = Path(raw_dir)
+    spec = get_dataset(cfg.name)
+    problem: Optional[str] = None
+    if spec.check_raw is not None:
+        problem = spec.check_raw(cfg, raw_dir)
+    else:
+        stamp_path = raw_dir / DOWNLOAD_STAMP
+        if stamp_path.is_file():
+            try:
+                stamp = json.loads(stamp_path.read_text())
+            except ValueError:
+                stamp = {}
+            want = source_id(cfg)
+            if stamp.get("dataset") != cfg.name:
+                problem = f"it holds {stamp.get('dataset')!r}, not data.name={cfg.name!r}"
+            elif "source" not in stamp:
+                problem = "it was made by an older version that did not record its source"
+            elif stamp["source"] != want:
+                problem = (f"it was made from data.source={stamp['source']!r} but params say data.source={want!r} "
+                           f"(the last download with these params failed or was not run)")
+        elif (raw_dir / SOURCE_LINK).is_file() or (raw_dir / EXTRACTED).is_dir():
+            problem = f"its download did not complete (no {DOWNLOAD_STAMP})"
+    if problem:
+        raise DataValidationError(
+            f"refusing to prepare {raw_dir}: {problem}. Run the download stage with the current params first "
+            f"(`dvc repro download`, or `python -m pipeline.download`); the prepared data was left untouched.")
 
 
 def resolve_root(cfg, raw_dir: Path) -> Path:
@@ -53,23 +94,38 @@ def resolve_root(cfg, raw_dir: Path) -> Path:
     link = raw_dir / SOURCE_LINK
     if link.is_file():
         p = Path(json.loads(link.read_text())["path"])
+        if source_id(cfg) != str(p):
+            raise DataValidationError(
+                f"{link} links {p} but params say data.source={source_id(cfg)!r}; run the download stage again "
+                f"(data.source always wins over a stale record)")
         if not p.is_dir():
-            raise FileNotFoundError(f"{link} points to {p}, which is not a folder any more; fix data.source "
-                                    f"and re-run the download stage")
+            raise DataValidationError(f"{link} points to {p}, which is not a folder any more; fix data.source "
+                                      f"and re-run the download stage")
         return p
     if cfg.source and Path(cfg.source).expanduser().is_dir() and not raw_dir.exists():
         return Path(cfg.source).expanduser().resolve()
     if (raw_dir / EXTRACTED).is_dir():
         return raw_dir / EXTRACTED
     if not raw_dir.is_dir():
-        raise FileNotFoundError(f"raw data folder {raw_dir} does not exist; run the download stage first "
-                                f"(ctxseg.data.download_dataset / `dvc repro download`)")
+        raise DataValidationError(f"raw data folder {raw_dir} does not exist; run the download stage first "
+                                  f"(ctxseg.data.download_dataset / `dvc repro download`)")
     return raw_dir
 
 
 def list_samples(cfg, root: Path) -> Listing:
     """The :class:`~ctxseg.data.layout.Listing` of dataset ``cfg.name`` under ``root`` (unpacks as
-    ``samples, decoder, extra``; ``.problems`` lists missing / unpaired labels)."""
-    listing = get_dataset(cfg.name).list(cfg, Path(root))
+    ``samples, decoder, extra``; ``.problems`` lists missing / unpaired labels).
+
+    A file the lister cannot read (permissions, a broken split list or json) is a
+    :class:`DataValidationError` naming it, not a raw ``OSError`` / ``ValueError``."""
+    try:
+        listing = get_dataset(cfg.name).list(cfg, Path(root))
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        raise DataValidationError(
+            f"{cfg.name}: cannot read the raw data under {root}{where}: {type(e).__name__}: {e}. Fix or replace "
+            f"the file (re-extract the dataset) and run the stage again.") from None
     listing.extra = dict(listing.extra)
     return listing

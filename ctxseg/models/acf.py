@@ -5,13 +5,18 @@ For target pixel i and co-occurrent (context) position j of the 3x3/stride-2 ave
 * s_ij = Phi_t(x_i)^T Phi_c(x_j)   dot-product similarity, shared Phi_t = Phi_c (1x1 conv, or the
   paper's atrous-rate-4 3x3 feed-forward with ``phi="atrous"``), divided by sqrt(d) unless
   ``scale="none"``;
-* mixture of softmaxes: P(j | i) = sum_k pi_k softmax_j(s^k_ij), with K mixtures computed on
-  channel slices of Phi and the contextual prior pi_k = softmax_k(w_k^T v_bar), v_bar the
-  globally average-pooled input; H heads, each with its own K slices and prior;
-* dropout on the co-occurrent probabilities; aggregated feature z_i = sum_j P(j | i) Psi(x_j),
-  Psi a 1x1 value transform;
-* output projection (1x1) with a residual connection; the global-pooling (GP) branch of Fig 3 is
-  a separate module :class:`GlobalPool` whose output the segmentor concatenates.
+* mixture of softmaxes (Eq 2): P(j | i) = sum_k pi_k softmax_j(s^k_ij), with K mixtures computed on
+  channel slices of Phi and the contextual prior pi_k = softmax_k(w_k^T v_bar) (§2.1), v_bar =
+  (1/N) sum_i v_i the mean of the *target vectors* v_i = Phi_t(x_i); with H heads, each head has its
+  own K slices, its own v_bar (the mean of its slice of the target vectors) and its own w_k (no
+  bias: the paper's exp(w_k^T v_bar) has none);
+* dropout on the co-occurrent probabilities; aggregated feature (Eq 3) z_i = sum_j P(j | i) Psi(x_j),
+  Psi a 1x1 value transform; the heads' z are concatenated (§2.2, multi-head);
+* ``residual=True`` (ctxseg's ``acf.output: residual_fusion`` variant, not the paper's): the module
+  returns x + proj(z), a 1x1 projection back to the input width with a residual connection;
+  ``residual=False`` (the paper's Fig 3 path, the default of the CFNet head) returns z itself.
+  The global-pooling (GP) branch of Fig 3 is a separate module :class:`GlobalPool`; the head
+  (:mod:`ctxseg.models.heads.acf`) concatenates it.
 
 The N x N/4 probability matrices are never stored (the reference code materialises one per mixture):
 see :func:`mos_attention`.
@@ -98,10 +103,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropo
 
 
 class ACF(nn.Module):
-    """Co-occurrent feature module: ``forward(x) -> x + proj(MoS-attention)`` of the same width as x."""
+    """Co-occurrent feature module (Eq 1-3): ``forward(x) -> z`` [B, channels, h, w] (``residual=False``,
+    the paper) or ``x + proj(z)`` of the same width as x (``residual=True``)."""
 
     def __init__(self, in_channels: int, channels: int = 32, heads: int = 2, mixtures: int = 2,
-                 dropout: float = 0.1, phi: str = "conv1x1", scale: str = "sqrt") -> None:
+                 dropout: float = 0.1, phi: str = "conv1x1", scale: str = "sqrt", residual: bool = True) -> None:
         super().__init__()
         check_acf_channels(channels, heads, mixtures)
         self.channels, self.heads, self.mixtures = channels, heads, mixtures
@@ -117,8 +123,12 @@ class ACF(nn.Module):
             raise ValueError(f"acf.phi must be conv1x1 or atrous; got {phi!r}")
         self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
         self.psi = ConvBNReLU(in_channels, channels, 1)  # Psi value transform
-        self.prior = nn.Linear(in_channels, heads * mixtures)  # w_k of pi_k = softmax(w_k^T v_bar)
-        self.proj = ConvBNReLU(channels, in_channels, 1)  # output projection (+ residual)
+        # w_k of pi_k = softmax_k(w_k^T v_bar), one [K, C/H] matrix per head on that head's slice of
+        # v_bar (a grouped 1x1 conv: group h sees channels h*C/H ... (h+1)*C/H - 1 of Phi_t)
+        self.prior = nn.Conv1d(channels, heads * mixtures, 1, groups=heads, bias=False)
+        self.residual = residual
+        self.proj = ConvBNReLU(channels, in_channels, 1) if residual else None  # output projection (+ residual)
+        self.out_channels = in_channels if residual else channels
 
     @property
     def scale(self) -> float:
@@ -136,7 +146,8 @@ class ACF(nn.Module):
         q = target.view(b, hh, kk, d, h * w).transpose(-1, -2)
         k = cooc.view(b, hh, kk, d, m).transpose(-1, -2)
         v = value.view(b, hh, self.value_dim, m).transpose(-1, -2)
-        prior = torch.softmax(self.prior(x.mean(dim=(2, 3))).view(b, hh, kk), dim=-1)  # pi_k
+        v_bar = target.mean(dim=(2, 3))  # mean of the target vectors Phi_t(x_i), [B, C]
+        prior = torch.softmax(self.prior(v_bar.unsqueeze(-1)).view(b, hh, kk), dim=-1)  # pi_k per head
         return q, k, v, prior
 
     def attend(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
@@ -150,10 +161,11 @@ class ACF(nn.Module):
         return z.transpose(-1, -2).reshape(b, self.channels, h, w)
 
     def forward(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
-        return x + self.proj(self.attend(x, pad_head_dims))
+        z = self.attend(x, pad_head_dims)
+        return x + self.proj(z) if self.proj is not None else z
 
     def rf_path(self) -> List[nn.Module]:
-        return modules_of(self.phi, self.proj)
+        return modules_of(self.phi, self.proj) if self.proj is not None else modules_of(self.phi)
 
 
 class GlobalPool(nn.Module):

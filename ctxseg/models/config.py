@@ -90,18 +90,32 @@ class MCIBIConfig(BaseModel):
 
 
 class ACFConfig(BaseModel):
-    """CFNet (Zhang et al., CVPR 2019) aggregated co-occurrent feature module."""
+    """CFNet (Zhang et al., CVPR 2019) aggregated co-occurrent feature module and its head.
+
+    The paper's best setting is K = 2 mixtures, H = 4 heads (Table 3) with the atrous-rate-4 Phi
+    (§4.2); ``presets/`` use it. The defaults here (H = 2, 1x1 Phi, 32 channels) are sized for the
+    CPU default (``resnet_tiny``, 64 head channels): at 32 channels, H = 4 x K = 2 leaves d = 4 per
+    component, and a 3x3 atrous Phi costs 9x the 1x1 on a backbone whose receptive field is small.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    mixtures: int = Field(default=2, ge=1, le=64, description="K: softmaxes in the mixture")
-    heads: int = Field(default=2, ge=1, le=64, description="H: attention heads")
+    mixtures: int = Field(default=2, ge=1, le=64, description="K: softmaxes in the mixture (the paper's best: 2)")
+    heads: int = Field(default=2, ge=1, le=64, description="H: attention heads (the paper's best: 4)")
     channels: int = Field(
         default=32, ge=1, description="width of Phi/Psi; divisible by heads*mixtures"
     )
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout on co-occurrent probs")
-    global_pool: bool = True
-    phi: Literal["conv1x1", "atrous"] = "conv1x1"
+    global_pool: bool = Field(default=True, description="the global-pooling branch of CFNet Fig 3")
+    phi: Literal["conv1x1", "atrous"] = Field(
+        default="conv1x1",
+        description="Phi_t = Phi_c: 1x1 ConvBNReLU (CPU default) or the paper's 3x3 atrous rate 4 (CFNet §4.2)",
+    )
+    output: Literal["paper", "residual_fusion"] = Field(
+        default="paper",
+        description="'paper' (CFNet Fig 3): concat[ACF output, GP] -> last conv (the classifier); "
+        "'residual_fusion' (ctxseg's earlier variant): concat[R, R + proj(ACF), GP] -> 3x3 fusion conv -> classifier",
+    )
     scale: Literal["sqrt", "none"] = Field(
         default="sqrt", description="divide dot products by sqrt(d) ('sqrt') or not ('none')"
     )

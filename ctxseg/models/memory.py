@@ -11,7 +11,8 @@ Update of one training step (all under ``torch.no_grad``):
 * Eq 9: for class k and each pixel i labelled k, w_i = (1 - cos(r_i, M_k)) / sum_j (1 - cos(r_j, M_k)).
 * Eq 10: T(R)_k = sum_i w_i r_i ("mean" strategy: the plain class mean, for the ablation).
 * Eq 6: M_k <- (1 - m) M_k + m T(R)_k for every class k present in the batch.
-* Eq 7: m = (1 - t/T)^p * m0, driven by ``progress`` = t/T, independent of the learning rate.
+* Eq 7: m_t = (1 - t/T)^p (m0 - m0/100) + m0/100, driven by ``progress`` = t/T, independent of the
+  learning rate; the floor m0/100 keeps the memory updating until the last step.
 
 Vectorised (no Python loop over class ids, no label-size feature map): for label pixel i of class
 k with taps c_ij on feature-size pixels j (Eq 8, r_i = sum_j c_ij r_j),
@@ -57,9 +58,12 @@ _EPS = 1e-8
 
 
 def poly_momentum(progress: float, base: float = 0.9, power: float = 0.9) -> float:
-    """Eq 7: m = (1 - t/T)^p * m0, with ``progress`` = t/T clamped to [0, 1]."""
+    """Eq 7: m_t = (1 - t/T)^p (m0 - m0/100) + m0/100, with ``progress`` = t/T clamped to [0, 1].
+
+    ``base`` is m0 and ``power`` p; m_0 = m0 and m_T = m0/100 (the paper's floor)."""
     progress = min(max(float(progress), 0.0), 1.0)
-    return (1.0 - progress) ** power * base
+    floor = base / 100.0
+    return (1.0 - progress) ** power * (base - floor) + floor
 
 
 def is_distributed() -> bool:

@@ -55,6 +55,9 @@ class DatasetSpec:
     augmentation_warning: Optional[Callable[[Any], Optional[str]]] = None
     #: ``info_for(cfg) -> DatasetInfo``: classes that depend on the config (e.g. the user's folder)
     info_for: Optional[Callable[[Any], DatasetInfo]] = None
+    #: ``check_raw(cfg, raw_dir) -> problem | None``: was ``raw_dir`` made from these params? (default:
+    #: the source recorded in ``download.json`` must be ``data.source``)
+    check_raw: Optional[Callable[[Any, Path], Optional[str]]] = None
 
     @property
     def info(self) -> DatasetInfo:

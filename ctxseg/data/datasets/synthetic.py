@@ -42,6 +42,19 @@ def _list(cfg: Any, root: Path) -> Listing:
     return Listing(samples, LutDecoder(name="identity"), extra)
 
 
+def _check_raw(cfg: Any, raw_dir: Path) -> Optional[str]:
+    stamp = raw_dir / "synthetic.json"
+    if not stamp.is_file():
+        return None
+    try:
+        made = json.loads(stamp.read_text()).get("config")
+    except ValueError:
+        return f"{stamp} is unreadable"
+    if made != cfg.synthetic.model_dump(mode="json"):
+        return "it was generated from other data.synthetic settings than params hold"
+    return None
+
+
 def _augmentation_warning(cfg: Any) -> Optional[str]:
     a = cfg.augment
     if a.scale_range[1] > 1.0 and min(a.crop_size) <= cfg.synthetic.image_size:
@@ -61,4 +74,5 @@ DATASET = DatasetSpec(
     lister=_list,
     generate=_generate,
     augmentation_warning=_augmentation_warning,
+    check_raw=_check_raw,
 )

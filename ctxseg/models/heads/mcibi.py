@@ -25,14 +25,14 @@ gradient, and a memory row is normalised exactly as a pixel is at inference time
 
 Differences from the authors' code (sssegmentation ``memorynet``), on purpose:
 
-* RCL runs through H2 with BN in running-stats mode (above), on the initialised rows only, from the
-  first step (no warm-up before L_M is switched on).
-* The memory is initialised lazily: a row is set the first time its class appears in a training
-  batch (``mcibi.init``: one random pixel, the class mean, or online k-means; see
-  :mod:`ctxseg.models.memory`), not from an offline pass over the training set.
-* With a within-image module (PSPNet / DeepLabV3 / OCRNet + MCIBI) C_wi enters the one concat
-  fusion F(R, C_bi, C_wi) of Eq 4; the official code adds a further self-attention block between
-  the within-image and the dataset-level context instead.
+* RCL runs through H2 with BN in running statistics mode (above), on the initialised rows only,
+  from the first step (no warm-up before L_M is switched on).
+* The memory is initialised lazily, from the first batch that holds a class: a row is set the first
+  time its class appears in a training batch (``mcibi.init``: one random pixel, the class mean, or
+  online k-means; see :mod:`ctxseg.models.memory`), not from an offline pass over the training set.
+* With a within-image module (PSPNet / DeepLabV3 / OCRNet + MCIBI) C_wi enters one concat fusion
+  F(R, C_bi, C_wi) of Eq 4; the official code adds a further self-attention block between the
+  within-image and the dataset-level context instead.
 """
 
 from __future__ import annotations

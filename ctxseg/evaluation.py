@@ -1,0 +1,205 @@
+"""Scoring a trained segmentor on a prepared split: the loop, the records it yields and the files.
+
+:func:`evaluate` runs single-scale and (optionally) multi-scale + flip inference over a split in
+one pass (the scale-1.0 pass is shared, see :func:`ctxseg.inference.predict_single_and_multi`),
+scores predictions at the labels' own resolution (as mmseg does), keeps the palette predictions of
+a fixed sample of images and the per-image class-mean features at the classifier input (the points
+of MCIBI Fig 3). :func:`metrics_record` turns the result into the contract record of
+``metrics/<model>.json``; the ``write_*`` helpers write the evaluate stage's other outputs
+atomically. Nothing here knows MLflow or DVC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ctxseg.inference import ClassifierInput, batched_by_size, predict_single_and_multi, resize_probs
+from ctxseg.io import atomic_path, write_json
+from ctxseg.metrics import ConfusionMatrix, named
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Evaluation", "sample_indices", "evaluate", "classifier_features", "class_prototypes", "metrics_record",
+    "headline_metrics", "per_class_rows", "write_confusion", "write_predictions", "write_features",
+]
+
+HEADLINE = ("mIoU", "pixAcc", "mAcc")
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What one pass over a split produced."""
+
+    single: ConfusionMatrix
+    multi: Optional[ConfusionMatrix]
+    predictions: dict[int, np.ndarray]          # dataset index -> uint8 class-id map (single scale)
+    means: np.ndarray                           # [N, C] per-image class-mean features
+    classes: np.ndarray                         # [N] their class ids
+    image_index: np.ndarray                     # [N] their dataset indices
+    seconds: float                              # model time (inference only)
+    num_images: int
+    scales: Optional[list[float]] = None
+    flip: bool = False
+
+
+def sample_indices(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (the same for every model: fixed sample)."""
+    if n <= 0 or k <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
+def classifier_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The features entering the final classifier in a single-scale whole-image pass (forward hook)."""
+    with torch.no_grad(), ClassifierInput(model) as hook:
+        model(images)
+    if hook.features is None:
+        raise RuntimeError("the classifier forward hook recorded nothing; is decode_head.classifier used?")
+    return hook.features
+
+
+def class_prototypes(model: torch.nn.Module) -> Optional[np.ndarray]:
+    """Dataset-level class representations [K, C] in the classifier-input space (MCIBI's memory), or None.
+
+    Asks the model (``Segmentor.class_prototypes()``); models without that method fall back to the
+    memory buffer found by :func:`ctxseg.inference.memory_of`.
+    """
+    model = getattr(model, "module", model)
+    method = getattr(model, "class_prototypes", None)
+    if callable(method):
+        value = method()
+    else:
+        from ctxseg.inference import memory_of
+
+        value = memory_of(model)
+    return None if value is None else value.detach().float().cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, samples: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
+             ignore_index: int = 255, device: torch.device | str = "cpu", mode: str = "whole", crop_size: int = 512,
+             stride: int = 341, scales: Optional[Sequence[float]] = None, flip: bool = True, batch_size: int = 8,
+             keep_predictions: Iterable[int] = (), keep_features: Iterable[int] = (),
+             progress=None) -> Evaluation:
+    """Score ``model`` on ``(image [3,H,W], label [H',W'])`` samples (labels at their own resolution).
+
+    ``scales=None`` skips multi-scale + flip. ``keep_predictions`` / ``keep_features`` are sample
+    indices whose single-scale prediction / class-mean features are kept. ``progress`` is an optional
+    callable taking the number of images just scored (e.g. ``tqdm.update``).
+    """
+    from ctxseg.visualize import class_mean_features
+
+    device = torch.device(device)
+    scales = list(scales) if scales else None
+    single_cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    ms_cm = ConfusionMatrix(num_classes, ignore_index, device=device) if scales else None
+    vis_ids, feature_ids = set(keep_predictions), set(keep_features)
+    predictions: dict[int, np.ndarray] = {}
+    feats: list[tuple] = []
+    seconds, count = 0.0, 0
+    indexed = ((i, image, label) for i, (image, label) in enumerate(samples))
+    for batch in batched_by_size(indexed, batch_size, key=lambda s: (tuple(s[1].shape), tuple(s[2].shape))):
+        ids = [s[0] for s in batch]
+        images = torch.stack([s[1] for s in batch]).to(device)
+        labels = torch.stack([s[2] for s in batch]).to(device)
+        start = time.perf_counter()
+        single, ms = predict_single_and_multi(model, images, mode=mode, crop_size=crop_size, stride=stride,
+                                              scales=scales, flip=flip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        prediction = resize_probs(single, labels.shape[-2:]).argmax(1)
+        single_cm.update(prediction, labels)
+        if ms_cm is not None:
+            ms_cm.update(resize_probs(ms, labels.shape[-2:]).argmax(1), labels)
+        for j, index in enumerate(ids):
+            if index in vis_ids:
+                predictions[index] = prediction[j].cpu().numpy().astype(np.uint8)
+        wanted = [j for j, index in enumerate(ids) if index in feature_ids]
+        if wanted:
+            features = classifier_features(model, images)
+            means, classes, image_idx = class_mean_features(features[wanted].cpu(), labels[wanted].cpu(),
+                                                            num_classes, ignore_index)
+            feats.append((means, classes, np.asarray(ids)[wanted][image_idx]))
+        count += len(batch)
+        if progress is not None:
+            progress(len(batch))
+    if feats:
+        means = np.concatenate([f[0] for f in feats]).astype(np.float32)
+        classes = np.concatenate([f[1] for f in feats]).astype(np.int64)
+        image_index = np.concatenate([f[2] for f in feats]).astype(np.int64)
+    else:
+        means, classes, image_index = np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return Evaluation(single_cm, ms_cm, predictions, means, classes, image_index, seconds, count, scales, flip)
+
+
+def metrics_record(result: Evaluation, class_names: Sequence[str], **info) -> dict:
+    """The full record of ``metrics/<model>.json``: ``info`` (model, dataset, ...) then the metrics."""
+    single = result.single.compute()
+    record = {**info, "num_images": result.num_images, "num_val_images": result.num_images}
+    record.update({k: single[k] for k in HEADLINE})
+    record["per_class_iou"] = named(single["per_class_iou"], class_names)
+    record["per_class_acc"] = named(single["per_class_acc"], class_names)
+    record["seconds_per_image"] = result.seconds / max(result.num_images, 1)
+    if result.multi is not None:
+        ms = result.multi.compute()
+        record["ms_flip"] = {**{k: ms[k] for k in HEADLINE}, "per_class_iou": named(ms["per_class_iou"], class_names),
+                             "scales": result.scales, "flip": result.flip}
+    return record
+
+
+def headline_metrics(record: dict) -> dict:
+    """The numbers a metrics table shows per model: mIoU, pixAcc, mAcc and their ms+flip values."""
+    out = {k: record[k] for k in HEADLINE if k in record}
+    if "ms_flip" in record:
+        out["ms_flip"] = {k: record["ms_flip"][k] for k in HEADLINE if k in record["ms_flip"]}
+    return out
+
+
+def per_class_rows(record: dict) -> list[dict]:
+    """Rows of the per-class bar plot: ``{"class", "iou", "iou_ms_flip", "acc"}`` per class."""
+    ms = record.get("ms_flip", {}).get("per_class_iou", {})
+    acc = record.get("per_class_acc", {})
+    return [{"class": c, "iou": v, "iou_ms_flip": ms.get(c), "acc": acc.get(c)}
+            for c, v in record["per_class_iou"].items()]
+
+
+def write_confusion(plot_dir: Path, matrix: torch.Tensor, class_names: Sequence[str], title: str) -> None:
+    """``confusion.json`` (pixel counts, rows = ground truth) and ``confusion.png`` (row-normalised)."""
+    from ctxseg.visualize import confusion_figure, save_png
+
+    counts = matrix.cpu()
+    write_json(plot_dir / "confusion.json", {"classes": list(class_names), "rows": "ground truth",
+                                             "columns": "prediction", "matrix": counts.tolist()})
+    save_png(confusion_figure(counts.numpy(), class_names, title=title), plot_dir / "confusion.png")
+
+
+def write_predictions(pred_dir: Path, predictions: dict[int, np.ndarray], ids: Sequence[str], palette) -> None:
+    """Palette PNGs ``<id>.png`` (pixel value = class id); the folder is replaced as a whole."""
+    from ctxseg.visualize import palette_png
+
+    with atomic_path(pred_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for index, prediction in sorted(predictions.items()):
+            palette_png(prediction, palette).save(tmp / f"{ids[index]}.png")
+
+
+def write_features(path: Path, result: Evaluation, class_names: Sequence[str],
+                   prototypes: Optional[np.ndarray] = None) -> None:
+    """``features.npz``: means, classes, image_index, class_names and (MCIBI) ``memory`` = the prototypes."""
+    arrays = {"means": result.means, "classes": result.classes, "image_index": result.image_index,
+              "class_names": np.asarray(class_names)}
+    if prototypes is not None:
+        arrays["memory"] = np.asarray(prototypes, dtype=np.float32)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)

@@ -1,0 +1,418 @@
+"""A finished study read back from its files, and the report built from it.
+
+The contract folders (``metrics/``, ``plots/``, ``models/<model>/run.json``, ``tune/``,
+``registry/best.json``, ``data/prepared/<dataset>/``) are read into *records*
+(:func:`collect_results`), then :func:`build_report` lays out the document of
+:mod:`ctxseg.report` with the figures of :mod:`ctxseg.visualize`. What only MLflow knows (per-step
+loss histories, the tracking URI) is passed in by the caller: nothing here imports MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ctxseg.config import Params, flatten
+from ctxseg.errors import UserError
+from ctxseg.report import (
+    CONTEXT_LABEL,
+    CONTEXTS,
+    Document,
+    add_complexity_section,
+    add_sweep_section,
+    add_trained_cost_table,
+    class_deltas,
+    complexity_rows,
+    context_class_table,
+    context_classes,
+    context_groups,
+    fusion_table,
+    frameworks,
+    headline,
+    main_records,
+    main_results_table,
+    memory_table,
+    miou_of,
+    paper_table5,
+    pct,
+    trained_cost_rows,
+    finite,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StudyLayout", "ReportInputError", "REGISTRY_RECORD", "collect_results", "read_json", "dataset_note",
+           "loss_curves", "qualitative_inputs", "feature_panels", "build_report", "LOSS_KEY"]
+
+REGISTRY_RECORD = Path("registry") / "best.json"  # written by the register stage, read by the report
+# The like-for-like training loss: every model's segmentation CE on its final prediction (the
+# totals differ in their terms: MCIBI adds L_W and L_M, ACF and the baseline do not).
+LOSS_KEY = "loss_o"
+
+
+class ReportInputError(UserError, FileNotFoundError):
+    """A file the report needs is missing; the message names it and the stage that writes it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyLayout:
+    """Where a study's outputs are (absolute paths)."""
+
+    root: Path
+    prepared: Path
+    metrics: Path
+    plots: Path
+    models: Path
+    tune: Path
+
+    @classmethod
+    def from_paths(cls, paths: Any) -> "StudyLayout":
+        """From any object with the attributes of the same names (the pipeline's ``common.Paths``)."""
+        return cls(**{f.name: Path(getattr(paths, f.name)) for f in dataclasses.fields(cls)})
+
+    def metrics_file(self, name: str) -> Path:
+        return self.metrics / f"{name}.json"
+
+    def run_file(self, name: str) -> Path:
+        return self.models / name / "run.json"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.root / REGISTRY_RECORD
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    if not path.is_file():
+        raise ReportInputError(f"{path}: {what} not found. {fix}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def collect_results(params: Params, layout: StudyLayout) -> list[dict]:
+    """One record per model of params: its resolved config, metrics/<model>.json and run.json."""
+    records = []
+    defaults = flatten(params.model.model_dump(mode="json"))
+    for name, cfg in params.models.items():
+        metrics = read_json(layout.metrics_file(name), f"metrics of model {name!r}",
+                            f"Run `dvc repro evaluate@{name}` first.")
+        run_file = layout.run_file(name)
+        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        flat = flatten(cfg.model_dump(mode="json"))
+        variant = {k: v for k, v in flat.items() if k not in ("framework", "context") and v != defaults.get(k)
+                   and (cfg.context == "mcibi" or not k.startswith("mcibi."))
+                   and (cfg.context == "acf" or not k.startswith("acf."))}
+        records.append({"name": name, "framework": cfg.framework, "context": cfg.context, "config": cfg,
+                        "flat": flat, "variant": variant, "metrics": metrics, "run": run,
+                        "run_id": metrics.get("run_id") or run.get("run_id")})
+    return records
+
+
+def dataset_note(meta: dict) -> str:
+    """What the report says about the dataset's comparability: ``meta["report_note"]``, else for a
+    dataset prepared with a generated design (``meta["synthetic"]``, until the key is renamed) the
+    standard caveat, else nothing."""
+    if meta.get("report_note"):
+        return str(meta["report_note"]).strip() + " "
+    if meta.get("synthetic"):
+        return ("This is the embedded synthetic co-occurrence benchmark, far smaller than the papers' datasets: "
+                "the numbers show whether context helps on a task built to need it, and are not comparable "
+                "with the papers' ADE20K / Cityscapes / COCO-Stuff results. ")
+    return ""
+
+
+def _data_description(params: Params, meta: dict, records: list[dict]) -> str:
+    splits = meta.get("splits", {})
+    size_text = []
+    for split, rng in meta.get("image_size_range", {}).items():
+        lo, hi = rng.get("min_hw"), rng.get("max_hw")
+        if lo and hi:
+            size_text.append(f"{split} {lo[0]}×{lo[1]}" + ("" if lo == hi else f" to {hi[0]}×{hi[1]}"))
+    epochs = sorted({r["run"].get("epochs") for r in records if r["run"].get("epochs")})
+    iterations = sorted({r["run"].get("iterations") for r in records if r["run"].get("iterations")})
+    text = (f"Dataset: **{params.data.name}** ({meta['num_classes']} classes; "
+            + ", ".join(f"{n} {s} images" for s, n in splits.items())
+            + (f"; image sizes {', '.join(size_text)}" if size_text else "") + "). "
+            f"Models trained for {', '.join(map(str, epochs)) or params.train.epochs} epoch(s)"
+            + (f" ({', '.join(map(str, iterations))} iterations)" if iterations else "") + ", global batch "
+            f"{params.train.batch_size}, backbone {params.model.backbone.name}; scored on the "
+            f"`{params.evaluate.split}` split ({records[0]['metrics'].get('num_images', '?')} images). ")
+    return text + dataset_note(meta) + ("Every number in this report was measured by this pipeline, except the "
+                                        "columns explicitly labelled as the paper's in the complexity table.")
+
+
+def eval_image_size(meta: dict, split: str) -> Optional[list[int]]:
+    """The largest image size of ``split`` recorded in meta.json (the FLOPs of the trained-cost table)."""
+    rng = (meta.get("image_size_range") or {}).get(split) or {}
+    return rng.get("max_hw")
+
+
+def loss_curves(records: list[dict], histories: dict[str, dict[str, tuple]]) -> dict[str, dict]:
+    """model -> {"loss": (x, y), "loss_key": name, "val_mIoU": (epochs, %)}.
+
+    ``histories[model][metric] = (steps, values)`` are per-iteration histories from the tracking
+    store (optional). The loss is :data:`LOSS_KEY` where every model has it (like for like), else
+    each model's total; without histories it falls back to run.json's per-epoch ``train_loss``.
+    """
+    curves: dict[str, dict] = {}
+    same = all(LOSS_KEY in histories.get(r["name"], {}) for r in records) and records
+    for r in records:
+        history = r["run"].get("history") or []
+        series: dict[str, Any] = {}
+        own = histories.get(r["name"], {})
+        key = LOSS_KEY if same else "loss"
+        if own.get(key):
+            series["loss"], series["loss_key"] = own[key], key
+        elif history and any("train_loss" in h for h in history):
+            hs = [h for h in history if "train_loss" in h]
+            series["loss"] = ([h.get("iteration", h.get("epoch")) for h in hs], [h["train_loss"] for h in hs])
+            series["loss_key"] = "train_loss"
+        vals = [h for h in history if finite(h.get("val_mIoU"))]
+        if vals:
+            series["val_mIoU"] = ([h.get("epoch", i + 1) for i, h in enumerate(vals)],
+                                  [100 * h["val_mIoU"] for h in vals])
+        if series:
+            curves[r["name"]] = series
+    return curves
+
+
+def still_rising(epochs_values: tuple, tolerance: float = 0.5) -> bool:
+    """True when a validation curve (mIoU in %) gained more than ``tolerance`` points over its last epoch."""
+    _, ys = epochs_values
+    return len(ys) >= 2 and ys[-1] - ys[-2] > tolerance
+
+
+def qualitative_inputs(records: list[dict], layout: StudyLayout, split: str, limit: int):
+    """Images, ground truths and the fixed-sample predictions of baseline / +MCIBI / +ACF of one framework."""
+    from ctxseg.data.dataset import read_image, read_label
+
+    mains = main_records(records)
+    fws = frameworks(records)
+    fw = next((f for f in fws if (f, "none") in mains), fws[0])
+    columns = [mains[(fw, c)] for c in CONTEXTS if (fw, c) in mains]
+    id_sets = []
+    for r in columns:
+        pred_dir = layout.plots / r["name"] / "predictions"
+        id_sets.append({p.stem for p in pred_dir.glob("*.png")} if pred_dir.is_dir() else set())
+    ids = (sorted(set.intersection(*id_sets)) if id_sets else [])[:limit]
+    images, gts, preds = [], [], {f"{r['name']} ({CONTEXT_LABEL[r['context']]})": [] for r in columns}
+    shown = []
+    for i in ids:
+        image_path = layout.prepared / "images" / split / f"{i}.png"
+        label_path = layout.prepared / "labels" / split / f"{i}.png"
+        if not (image_path.is_file() and label_path.is_file()):
+            continue
+        images.append(read_image(image_path))
+        gts.append(read_label(label_path))
+        shown.append(i)
+        for r, key in zip(columns, preds):
+            preds[key].append(read_label(layout.plots / r["name"] / "predictions" / f"{i}.png"))
+    return fw, images, gts, preds, shown
+
+
+def feature_panels(records: list[dict], layout: StudyLayout) -> dict:
+    """Baseline and MCIBI class-mean features (plots/<model>/features.npz) of the first framework having both."""
+    mains = main_records(records)
+    for fw in frameworks(records):
+        pair = [mains.get((fw, "none")), mains.get((fw, "mcibi"))]
+        if any(r is None for r in pair):
+            continue
+        panels = {}
+        for r in pair:
+            path = layout.plots / r["name"] / "features.npz"
+            if not path.is_file():
+                break
+            with np.load(path) as f:
+                if len(f["means"]) == 0:
+                    break
+                panels[f"{r['name']} ({CONTEXT_LABEL[r['context']]})"] = {
+                    "model": r["name"], "means": f["means"], "classes": f["classes"],
+                    "memory": f["memory"] if "memory" in f.files else None}
+        if len(panels) == 2:
+            return panels
+    return {}
+
+
+def model_colours(records: list[dict]) -> dict[str, tuple]:
+    """One colour per model, the same in every figure (the order of ``models`` in params)."""
+    from ctxseg.visualize import series_colours
+
+    return series_colours([r["name"] for r in records])
+
+
+def build_report(params: Params, layout: StudyLayout, figures: Path, *, histories: Optional[dict] = None,
+                 registry: Optional[dict] = None, tracking_uri: str = "") -> Document:
+    """The whole report document; figures are written to ``figures``."""
+    from ctxseg import visualize as viz
+
+    started = time.perf_counter()
+    records = collect_results(params, layout)
+    meta = read_json(layout.prepared / "meta.json", "prepared dataset", "Run `dvc repro preprocess` first.")
+    colours = model_colours(records)
+    figures.mkdir(parents=True, exist_ok=True)
+    rc = params.report
+    doc = Document(rc.title)
+    doc.paragraph(_data_description(params, meta, records))
+
+    complexity = None
+    if rc.complexity:
+        try:
+            complexity = complexity_rows(rc.latency_in_channels, rc.latency_size, rc.latency_channels,
+                                         rc.latency_repeats, int(meta["num_classes"]))
+        except Exception as err:  # the models' complexity module changed shape: report the rest
+            log.warning("complexity table skipped: %s", err)
+    size = eval_image_size(meta, params.evaluate.split)
+    trained = trained_cost_rows(records, size) if rc.complexity else None
+
+    doc.heading("Did the context modules help, and at what cost?")
+    lines = headline(records, complexity, trained)
+    if lines:
+        doc.bullets(lines)
+        doc.paragraph("Single training run per model: differences of about a point or less can be seed noise."
+                      + (" Costs are params / FLOPs of the context module in MCIBI Table 3's setting and CPU "
+                         "latency measured here (see the complexity table), then the whole trained model's "
+                         "params and FLOPs as trained here." if complexity else ""))
+    else:
+        doc.paragraph("No context model (MCIBI or ACF) in this study.")
+
+    doc.heading("Main results (MCIBI Table 5 layout)")
+    doc.table(*paper_table5(records), caption="mIoU (%) single-scale / multi-scale + flip; Δ against the "
+                                              "framework's baseline, in mIoU points")
+    doc.table(*main_results_table(records), caption="Every model (single scale unless marked ms+flip)")
+    ctx_table = context_class_table(records, meta)
+    if ctx_table:
+        doc.table(*ctx_table, caption="IoU (%) of the classes that look alike and are told apart only by "
+                                      "co-occurring objects elsewhere in the image ("
+                                      + "; ".join(f"{g}: {', '.join(m)}" for g, m in context_groups(meta).items()) + ")")
+    scales = next((r["metrics"]["ms_flip"].get("scales") for r in records if "ms_flip" in r["metrics"]), None)
+    if scales:
+        doc.paragraph(f"Multi-scale + flip: scales {scales}, horizontal flip "
+                      f"{'on' if params.evaluate.flip else 'off'}; {params.evaluate.mode} inference.")
+
+    _ablations(doc, records, rc.ablations)
+    add_sweep_section(doc, layout.tune / "results.csv", layout.tune / "best.yaml", figures, layout.root, rc.sweeps)
+    if complexity:
+        add_complexity_section(doc, complexity)
+    if trained:
+        add_trained_cost_table(doc, trained, size)
+
+    doc.heading("Training and per-class results")
+    curves = loss_curves(records, histories or {})
+    if curves:
+        keys = {c.get("loss_key") for c in curves.values() if "loss" in c}
+        loss_title = ("segmentation loss L_o (CE of the final prediction)" if keys == {LOSS_KEY}
+                      else "training loss (total)" if keys == {"loss"} else "training loss (per-epoch mean)")
+        doc.image(viz.save_png(viz.training_curves_figure(curves, colours=colours, loss_title=loss_title),
+                               figures / "training_curves.png"),
+                  f"Left: {loss_title} per model; right: validation mIoU (%) per epoch")
+        rising = [name for name, c in curves.items() if "val_mIoU" in c and still_rising(c["val_mIoU"])]
+        if keys != {LOSS_KEY}:
+            doc.paragraph("The totals are not like for like: MCIBI's adds L_W and L_M (Eq 18-19) to the CE terms "
+                          "the other models share.")
+        if rising:
+            doc.paragraph("Still improving at the last epoch (validation mIoU rose by more than half a point in "
+                          f"the final epoch): {', '.join(f'`{n}`' for n in rising)}. Longer training "
+                          "(`train.epochs`) would likely raise their numbers; their comparison is not final.")
+    doc.image(viz.save_png(viz.per_class_iou_figure({r["name"]: r["metrics"]["per_class_iou"] for r in records},
+                                                    "Per-class IoU (single scale): baseline vs context models",
+                                                    colours=colours),
+                           figures / "per_class_iou.png"), "Per-class IoU (%), every model")
+    base_name, deltas = class_deltas(records)
+    if deltas:
+        doc.image(viz.save_png(viz.per_class_delta_figure(deltas, base_name, context_classes(meta), colours=colours),
+                               figures / "per_class_delta.png"),
+                  f"Per-class IoU change of the context models against {base_name} (bold: classes only context "
+                  "can tell apart)" if context_classes(meta) else
+                  f"Per-class IoU change of the context models against {base_name}")
+    best = max((r for r in records if finite(miou_of(r))), key=miou_of, default=None)
+    if best is not None and (layout.plots / best["name"] / "confusion.json").is_file():
+        cm = json.loads((layout.plots / best["name"] / "confusion.json").read_text(encoding="utf-8"))
+        doc.image(viz.save_png(viz.confusion_figure(np.asarray(cm["matrix"]), cm["classes"],
+                                                    f"{best['name']}: confusion (row-normalised)"),
+                               figures / "confusion.png"),
+                  f"Confusion matrix of the best model, {best['name']} (rows: ground truth, % of the class)")
+
+    if rc.qualitative_images:
+        doc.heading("Qualitative results (MCIBI Fig 4 layout)")
+        fw, images, gts, preds, ids = qualitative_inputs(records, layout, params.evaluate.split, rc.qualitative_images)
+        if images:
+            doc.image(viz.save_png(viz.qualitative_grid_figure(images, gts, preds, meta["palette"], ids,
+                                                               class_names=meta["class_names"]),
+                                   figures / "qualitative.png"),
+                      f"{params.evaluate.split} images, ground truth and the single-scale predictions of "
+                      f"{', '.join(preds)} ({fw}); colours as in the legend, black = ignore")
+        else:
+            doc.paragraph("No prediction images to show (set `evaluate.num_visualisations` > 0).")
+
+    if rc.feature_space:
+        _feature_space(doc, records, layout, meta, figures)
+
+    _mlflow_section(doc, params, records, registry, tracking_uri)
+    log.info("report built in %.1f s", time.perf_counter() - started)
+    return doc
+
+
+def _ablations(doc: Document, records: list[dict], enabled: list[str]) -> None:
+    doc.heading("Ablations")
+    shown = False
+    if "fusion" in enabled:
+        for fw, heads, body in fusion_table(records):
+            doc.table(heads, body, caption=f"{fw}: fusion of R and C_bi (MCIBI Table 1)")
+            shown = True
+    if "memory" in enabled:
+        for fw, heads, body in memory_table(records):
+            doc.table(heads, body, caption=f"{fw}: memory initialisation / update / momentum / RCL (MCIBI Table 2)")
+            shown = True
+    if not shown:
+        doc.paragraph("No ablation runs in this study (" + (", ".join(enabled) or "none enabled")
+                      + "). Add MCIBI models that differ in `mcibi.fusion` (Table 1) or in `mcibi.init`, "
+                      "`mcibi.update`, `mcibi.momentum_power`, `mcibi.rcl` (Table 2) under `models:` to get them.")
+
+
+def _feature_space(doc: Document, records: list[dict], layout: StudyLayout, meta: dict, figures: Path) -> None:
+    from ctxseg import visualize as viz
+
+    doc.heading("Feature space (MCIBI Fig 3)")
+    panels = feature_panels(records, layout)
+    if not panels:
+        doc.paragraph("Needs a baseline and an MCIBI model of the same framework with `evaluate.feature_images` > 0.")
+        return
+    doc.image(viz.save_png(viz.feature_space_figure(panels, meta["class_names"], meta["palette"]),
+                           figures / "feature_space.png"),
+              "PCA of per-image class-mean features at the classifier input, one panel per model, each fitted on "
+              "its own points; stars = MCIBI memory entries, projected with the MCIBI panel's axes")
+    spread = {name: viz.class_spread(p["means"], p["classes"], p.get("memory")) for name, p in panels.items()}
+    doc.paragraph("Each dot is one class in one image. With MCIBI, features of a class should gather around its "
+                  "dataset-level memory entry. Measured in the full feature space (not the 2-D projection): "
+                  + "; ".join(f"{name}: mean distance of a dot to its class centre {s['to_centre']:.3g}"
+                              + (f", to its memory entry {s['to_memory']:.3g}" if s.get("to_memory") is not None
+                                 else "") + f" (between class centres {s['between_centres']:.3g})"
+                              for name, s in spread.items()) + ".")
+
+
+def _mlflow_section(doc: Document, params: Params, records: list[dict], registry: Optional[dict],
+                    tracking_uri: str) -> None:
+    doc.heading("MLflow runs")
+    local_ui = tracking_uri.startswith(("sqlite", "file"))
+    base = "http://127.0.0.1:5000" if local_ui else tracking_uri.rstrip("/")
+    doc.table(["model", "MLflow run id", "epochs", "final val mIoU (%)", "run page (with the UI running)"],
+              [[r["name"], r["run_id"] or "–", str(r["run"].get("epochs", "–")),
+                pct((r["run"].get("history") or [{}])[-1].get("val_mIoU")),
+                f"{base}/#/experiments/{r['run']['experiment_id']}/runs/{r['run_id']}"
+                if r["run_id"] and r["run"].get("experiment_id") else "–"] for r in records])
+    registry = registry or {"status": "missing", "reason": f"`{REGISTRY_RECORD}` does not exist (run `dvc repro "
+                                                           "register`)"}
+    if registry.get("status") in ("registered", "reused"):
+        doc.paragraph(f"Best model by mIoU: `{registry['model']}` ({pct(registry['mIoU'])}%), registered as "
+                      f"`{registry['registered_model']}` version {registry['version']} with alias `best` (predict "
+                      f"with it: `ctxseg-predict --model {registry['uri']} --input <images> --output <folder>`).")
+    else:
+        doc.paragraph(f"Best model by mIoU: `{registry.get('model', '–')}`; not registered in the Model Registry: "
+                      f"{registry.get('reason', 'n/a')}.")
+    doc.paragraph(f"Open the MLflow UI on these runs (experiment `{params.mlflow.experiment}`; runs are named "
+                  "`<dataset>/<framework>+<context>`):")
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
+    doc.code(ui + ("\n# or: make mlflow-ui" if tracking_uri.startswith("sqlite") else ""))

@@ -1,0 +1,291 @@
+"""One training run on Ray Train: the worker loop (wiring around :func:`ctxseg.engine.fit`) and its trainer.
+
+Shared by the ``train`` stage and every Tune trial. Inside each worker: the dataset is resolved and
+its identity checked (:mod:`pipeline.dataset_access`), the newest complete checkpoint *at this moment*
+is restored (Ray's record or a newer one on disk), and :func:`ctxseg.engine.fit` runs with three
+callbacks: progress lines, :class:`RayReport` (checkpoint + report every epoch) and, on rank 0,
+:class:`MlflowLog` (metrics flushed to MLflow only after the checkpoint that holds them is persisted).
+
+Errors a restart would meet again (a non-finite loss, a dataset a node cannot read) are not raised in
+the worker, where Ray would retry them: every rank agrees on them, rank 0 hands the message to the
+head's store actor and every rank returns; the driver then raises it (:func:`fatal_error_of`).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint, save_training_checkpoint
+from ctxseg.config import Params, params_to_dict, parse_params
+from ctxseg.engine import Callback, FitRun, NonFiniteLossError, build_optimizer, fit, format_eta, restore_from_payload
+from pipeline import common, dataset_access, ray_env
+from pipeline.tracking import RemoteClient, log_metric_points
+
+log = logging.getLogger("ctxseg.train")
+
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+class ProgressLog(Callback):
+    def __init__(self, model_name: str):
+        self.name, self.started, self.start_iteration = model_name, time.perf_counter(), 0
+
+    def on_fit_start(self, run: FitRun) -> None:
+        self.start_iteration = run.state.iteration
+
+    def on_log(self, run: FitRun, record: dict) -> None:
+        done = run.state.iteration - self.start_iteration
+        eta = (time.perf_counter() - self.started) / max(done, 1) * (run.total_iterations - run.state.iteration)
+        log.info("[%s] epoch %d/%d it %d/%d loss %.4f lr %.5f %.1f img/s ETA %s", self.name, run.state.epoch + 1,
+                 run.cfg.epochs, run.state.iteration, run.total_iterations, record["loss"], record["lr"],
+                 record["images_per_s"], format_eta(eta))
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
+        log.info("[%s] epoch %d/%d done: %s", self.name, run.state.epoch, run.cfg.epochs,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+class RayReport(Callback):
+    """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier)."""
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        payload = run.checkpoint()  # every rank: gathers the ranks' RNG states
+        if run.rank != 0:
+            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_checkpoint(Path(tmp), payload)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+
+
+class MlflowLog(Callback):
+    """Rank 0's MLflow logging through the head's store actor. Interval records wait in memory until
+    the epoch's checkpoint is persisted, so the history never shows steps of a discarded attempt; a
+    replayed step already in the history is skipped (its value is identical: resume is exact)."""
+
+    def __init__(self, client: RemoteClient, run_id: str, system_metrics: bool):
+        self.client, self.run_id, self.pending, self.logged = client, run_id, [], {}
+        self.system = None
+        if system_metrics:
+            from pipeline.system_metrics import SystemSampler
+
+            self.system = SystemSampler(lambda values, step: self._send(values, step))
+
+    def _send(self, metrics: dict, step: int) -> None:
+        self.client.actor.log_metric_points.remote(self.run_id, metrics, step)
+
+    def on_fit_start(self, run: FitRun) -> None:
+        if self.system is not None:
+            self.system.start()
+
+    def on_log(self, run: FitRun, record: dict) -> None:
+        self.pending.append((dict(record), run.state.iteration))
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:  # runs after RayReport: checkpoint persisted
+        import ray
+
+        refs = [self.client.actor.log_metric_points.remote(self.run_id, rec, step) for rec, step in self.pending]
+        epoch = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
+        refs.append(self.client.actor.log_metric_points.remote(self.run_id, epoch, run.state.iteration))
+        ray.get(refs)
+        self.pending = []
+
+    def on_fit_end(self, run: FitRun, error: Optional[BaseException]) -> None:
+        if self.system is not None:
+            self.system.stop()
+
+
+def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
+    """The checkpoint furthest along that exists *now*: the newest complete ``checkpoint_epoch_*``
+    folder of the run's storage (newer than Ray's record when a driver stopped between writing a
+    checkpoint and Ray recording it; Ray may also have deleted older ones), else Ray's record."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
+    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
+    names = sorted((i.base_name for i in found if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_epoch_")), reverse=True)
+    candidates = [Checkpoint(f"{base}/{ray_name}/{n}", filesystem=fs) for n in names]
+    for checkpoint in candidates + ([recorded] if recorded is not None else []):
+        try:
+            with checkpoint.as_directory() as local:
+                return load_training_checkpoint(Path(local))
+        except Exception as err:  # partly written (disk full, killed mid-copy): try the one before
+            log.warning("skipping incomplete checkpoint %s (%s)", checkpoint.path, err.__class__.__name__)
+    return None
+
+
+def _agree(rank_error: Optional[str], world: int) -> list[str]:
+    """Every rank's error message (or None), gathered on all ranks."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [rank_error] if rank_error else []
+    errors: list = [None] * world
+    dist.all_gather_object(errors, rank_error)
+    return [e for e in errors if e]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One DDP rank. ``config`` carries plain data and Ray handles only (no head-local paths)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from ctxseg.engine import seed_everything
+    from ctxseg.loaders import build_loaders
+    from ctxseg.models import build_segmentor
+
+    common.setup_logging()
+    ray_env.quiet_ray_report_log()
+    params = parse_params(config["params"])
+    name = config["model_name"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(params.scaling.cpus_per_worker)))
+    seed_everything(params.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+    node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
+    problem = None
+    try:
+        prepared = dataset_access.resolve(config["dataset"], node)
+    except dataset_access.DatasetUnavailableError as err:
+        problem = str(err)
+    errors = _agree(problem, world)
+    store = config["store"]
+    if errors:
+        if rank == 0:
+            ray.get(store.record_fatal.remote(config["run_id"], "dataset", "; ".join(sorted(set(errors)))))
+        return
+
+    loaders = build_loaders(params.data, prepared, batch_size=params.train.batch_size, seed=params.seed,
+                            rank=rank, world=world)
+    model = build_segmentor(params.model_config_of(name), loaders.num_classes)
+    if world > 1 and params.scaling.sync_batchnorm and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, params.train)
+    amp_dtype = None if params.train.amp == "off" or device.type != "cuda" else (
+        torch.bfloat16 if params.train.amp == "bf16" else torch.float16)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    payload = newest_checkpoint(config["storage"], config["ray_name"], ray.train.get_checkpoint())
+    state = restore_from_payload(payload, model, optimizer, scaler) if payload is not None else None
+    if state is not None and rank == 0:
+        log.info("[%s] resumed from checkpoint at epoch %d, iteration %d", name, state.epoch, state.iteration)
+
+    callbacks: list[Callback] = [RayReport()]
+    if rank == 0:
+        callbacks.insert(0, ProgressLog(name))
+        callbacks.append(MlflowLog(RemoteClient(store), config["run_id"], config["system_metrics"]))
+    callbacks += list(config.get("callbacks") or [])
+    try:
+        fit(model, loaders.train, loaders.val, optimizer, params.train, num_classes=loaders.num_classes,
+            state=state, callbacks=callbacks, device=device, amp_dtype=amp_dtype, scaler=scaler,
+            epoch_metrics={"num_nodes": ray_env.count_rank_nodes(world)})
+    except NonFiniteLossError as err:  # every rank saw the same all-reduced flag and stops here
+        if rank == 0:
+            log.error("[%s] %s", name, err)
+            ray.get(store.record_fatal.remote(config["run_id"], "nonfinite", str(err)))
+
+
+def fatal_error_of(store, run_id: str, model_name: str) -> Optional[Exception]:
+    """The driver-side error for a run whose workers recorded a non-retryable error, else None."""
+    import ray
+
+    found = ray.get(store.fatal.remote(run_id))
+    if found is None:
+        return None
+    kind, message = found
+    error = NonFiniteLossError if kind == "nonfinite" else dataset_access.DatasetUnavailableError
+    return error(f"[{model_name}] {message}")
+
+
+def fit_or_explain(trainer, client, run_id: str, what: str, run_path: str, max_failures: int):
+    """``trainer.fit()``, with its two endings that are not errors of the code explained in one line.
+
+    Ctrl-C: Ray Train's SIGINT handler aborts the run and leaves ``fit`` with ``SystemExit``; the MLflow
+    run is closed as KILLED and tagged resumable, and the stage exits 130. Retries used up: one line
+    names the last checkpoint and says that ``dvc repro`` continues from it (exit 1)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        client.set_tag(run_id, "ctxseg.state", "interrupted, resumable: run `dvc repro` again")
+        client.set_terminated(run_id, status="KILLED")
+        raise KeyboardInterrupt from None
+    except TrainingFailedError as err:
+        client.set_terminated(run_id, status="FAILED")
+        storage, _, ray_name = run_path.rpartition("/")
+        last = last_checkpoint_name(storage, ray_name)
+        cause = (str(err).strip().splitlines() or ["?"])[-1][:300]
+        raise common.StageFailed(
+            f"{what} training failed after train.max_failures={max_failures} worker restarts (last error: {cause}). "
+            f"Last checkpoint: {f'{run_path}/{last}' if last else 'none yet'}; run `dvc repro` to continue from it."
+        ) from None
+
+
+def last_checkpoint_name(storage: str, ray_name: str) -> Optional[str]:
+    import pyarrow.fs as pafs
+
+    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
+    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
+    names = sorted(i.base_name for i in found if i.base_name.startswith("checkpoint_epoch_"))
+    return names[-1] if names else None
+
+
+def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str,
+                 name: str, callbacks: Optional[list] = None, worker_callbacks: Optional[list] = None):
+    """The TorchTrainer of one training run; shared by the train stage and every Tune trial."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = ray_env.resolve_use_gpu(params)
+    resources = {"CPU": params.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = params.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": params_to_dict(params), "model_name": model_name, "dataset": dataset, "store": store,
+            "run_id": run_id, "system_metrics": params.mlflow.system_metrics, "storage": storage,
+            "ray_name": name, "callbacks": list(worker_callbacks or []),
+        },
+        scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+            # Ray Train's own INFO lines repeat every reported metric; ours already say it once.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def clear_storage(storage: str, ray_name: str) -> None:
+    """Remove a run's checkpoints (its config changed, or it had finished)."""
+    import pyarrow.fs as pafs
+
+    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
+    try:
+        fs.delete_dir(f"{base}/{ray_name}")
+    except (FileNotFoundError, OSError):
+        pass
+
+
+__all__ = ["train_loop_per_worker", "make_trainer", "newest_checkpoint", "fatal_error_of", "clear_storage",
+           "CHECKPOINT_FILE"]
