@@ -122,24 +122,39 @@ def _loader(spec: dict) -> dict:
 
 
 def _mlflow(spec: dict) -> dict:
+    """Per-step logging cost, side by side: the store's own client in the process (one machine), and
+    the path every rank uses on a cluster (an actor call to the head's store actor, which logs)."""
     import mlflow
+    import ray
 
-    from pipeline.train import _RankZeroTracker
+    from ctxseg.config import parse_params
+    from pipeline import ray_env, tracking
 
     uri = spec["tracking_uri"]
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment(f"bench-{os.getpid()}-{time.time_ns()}")
-    run_id = client.create_run(exp).info.run_id
-    tracker = _RankZeroTracker({"tracking_uri": uri, "run_id": run_id, "system_metrics": False})
     record = {"loss": 1.0, "loss_o": 0.5, "loss_aux": 0.3, "lr": 0.01, "images_per_s": 20.0,
               "loss_w": 0.2, "loss_m": 0.1, "memory_momentum": 0.8}
-    times = []
-    for step in range(spec["n"]):
-        t0 = time.perf_counter()
-        tracker.log_metrics(record, step=step)
-        times.append(time.perf_counter() - t0)
-    tracker.close()
-    return {"per_call_s": median(times[2:] or times), "calls": len(times), "metrics_per_call": len(record)}
+
+    def timed(log_one) -> list:
+        times = []
+        for step in range(spec["n"]):
+            t0 = time.perf_counter()
+            log_one(step)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    direct_run, logged = client.create_run(exp).info.run_id, {}
+    direct = timed(lambda step: tracking.log_metric_points(client, direct_run, record, step, logged))
+    ray_env.init_ray(parse_params({}), Path(spec["root"]), num_cpus=1)
+    try:
+        store = tracking.start_store_actor(uri)
+        actor_run = client.create_run(exp).info.run_id
+        actor = timed(lambda step: ray.get(store.log_metric_points.remote(actor_run, record, step)))
+    finally:
+        ray.shutdown()
+    return {"per_call_s": median(direct[2:] or direct), "actor_per_call_s": median(actor[2:] or actor),
+            "calls": len(direct), "metrics_per_call": len(record)}
 
 
 def _noop_loop(config: dict) -> None:
@@ -157,12 +172,12 @@ def _ray_fixed(spec: dict) -> dict:
 
     import mlflow  # noqa: F401  (the stage imports it too)
     from ctxseg.config import load_params
-    from pipeline import common
+    from pipeline import ray_env
 
     t_import = time.perf_counter() - t0
     params = load_params(Path(spec["params"]))
     t1 = time.perf_counter()
-    common.init_ray(params)
+    ray_env.init_ray(params, Path(spec["root"]), params.ray.num_cpus)
     t_init = time.perf_counter() - t1
     storage = tempfile.mkdtemp(prefix="ctxseg-bench-ray-")
     t2 = time.perf_counter()
@@ -262,20 +277,24 @@ def run(opts) -> dict:
                               f"work {plain_wall:.0f} s plain; fixed {fixed_s:.0f} s + in-loop {100 * in_loop_frac:.1f}%;"
                               f" 15% from {break_even:.0f} s of work"))
 
-        rf = run_worker(MODULE, {"job": "ray_fixed", "params": str(bp)})
+        rf = run_worker(MODULE, {"job": "ray_fixed", "params": str(bp), "root": str(proj)})
         if "error" not in rf:
             rows.append({"measure": "Ray fixed cost: imports / ray.init / no-op TorchTrainer.fit / shutdown",
                          "value": f"{rf['import_s']:.1f} / {rf['ray_init_s']:.1f} / {rf['noop_fit_s']:.1f} / "
                                   f"{rf['shutdown_s']:.1f} s",
                          "ratio": f"{100 * (rf['ray_init_s'] + rf['noop_fit_s']) / plain_wall:.0f}% of the plain run"})
         ml = run_worker(MODULE, {"job": "mlflow", "tracking_uri": f"sqlite:///{base / 'mlflow_bench.db'}",
-                                 "n": 12 if quick else 40})
+                                 "n": 12 if quick else 40, "root": str(proj)})
         step_s = plain2["step_s"]
         log_every = bench_params["train"].get("log_every", 5)
         rows.append({"measure": "MLflow log_batch per logged step (8 metrics, SQLite)",
                      "value": f"{1000 * ml['per_call_s']:.1f} ms",
                      "ratio": f"{100 * ml['per_call_s'] / step_s:.1f}% of one step; "
                               f"{100 * ml['per_call_s'] / (step_s * log_every):.2f}% amortised (log_every={log_every})"})
+        rows.append({"measure": "... the same through the head's store actor (the path of every rank, any node)",
+                     "value": f"{1000 * ml['actor_per_call_s']:.1f} ms",
+                     "ratio": f"{ml['actor_per_call_s'] / ml['per_call_s']:.2f}x the direct call; "
+                              f"{100 * ml['actor_per_call_s'] / (step_s * log_every):.2f}% of the steps it covers"})
         ld = run_worker(MODULE, {"job": "loader", "params": str(bp), "prepared": str(prepared),
                                  "epochs": 1 if quick else 3})
         tr_ips = plain2["train_images_per_s"]

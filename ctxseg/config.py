@@ -25,10 +25,12 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import os
 import re
 import sys
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -39,7 +41,9 @@ from ctxseg.data.config import DataConfig
 from ctxseg.errors import UserError
 from ctxseg.models.config import ModelConfig
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# \Z, not $: "$" also matches before a trailing newline, so "name\n" would pass. Used with re.fullmatch.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z"
+MODEL_NAME_RULE = "start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
 
 
 class ConfigError(UserError, ValueError):
@@ -108,6 +112,20 @@ class MLflowConfig(StrictModel):
     experiment: str = Field("ctxseg", min_length=1)
     system_metrics: bool = True
     log_model: bool = True
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_inside_artifact_root(cls, name: str) -> str:
+        """The name becomes ``<artifact_root>/<name>``: it must stay one folder below the root."""
+        bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+        if bad:
+            raise ValueError(f"experiment name {name!r} contains control characters "
+                             f"({', '.join(repr(c) for c in sorted(set(bad)))}); use a plain name such as 'ctxseg'")
+        if "/" in name or "\\" in name or name in (".", "..") or name != name.strip() or name.startswith("."):
+            raise ValueError(f"experiment name {name!r} must be a single folder name (no '/', '\\', leading '.' or "
+                             f"surrounding spaces): its artifacts go to <mlflow.artifact_root>/<experiment> and must "
+                             f"not leave the artifact root")
+        return name
 
 
 class EvaluateConfig(StrictModel):
@@ -241,14 +259,17 @@ class TuneConfig(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker of a trial (0 = CPU)")
     seed: int = Field(0, ge=0, description="seed of the random / Optuna searcher")
+    seed_repeats: bool = Field(
+        True, description="after each sweep, train its best and worst configuration again with seed + 1 (same "
+        "epochs) so the report can weigh the grid's spread against seed noise")
     sweeps: dict[str, SweepConfig] = Field(default_factory=dict)
 
     @field_validator("sweeps")
     @classmethod
     def _sweep_names(cls, sweeps: dict[str, SweepConfig]) -> dict[str, SweepConfig]:
         for name in sweeps:
-            if not re.match(MODEL_NAME_PATTERN, name):
-                raise ValueError(f"sweep name {name!r} must match {MODEL_NAME_PATTERN} (it names folders and runs)")
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"sweep name {name!r} must {MODEL_NAME_RULE} (it names folders and runs)")
         return sweeps
 
 
@@ -293,8 +314,8 @@ class Params(StrictModel):
         if not models:
             raise ValueError("at least one model must be listed")
         for name in models:
-            if not re.match(MODEL_NAME_PATTERN, name):
-                raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (it names folders and runs)")
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"model name {name!r} must {MODEL_NAME_RULE} (it names folders and runs)")
         return models
 
     @model_validator(mode="after")
@@ -319,6 +340,15 @@ class Params(StrictModel):
                     raise ValueError(
                         f"{where}.space: {shown} makes model {sweep.model!r} invalid ({loc or 'model'}: {msg})"
                     ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _name_backbone_blocks(self) -> "Params":
+        """Tell each backbone block its key, so a missing pretrained file is reported as
+        ``models.<name>.backbone.pretrained``."""
+        self.model.backbone._origin = "model.backbone"
+        for name, cfg in self.models.items():
+            cfg.backbone._origin = f"models.{name}.backbone"
         return self
 
     def model_config_of(self, name: str) -> ModelConfig:
@@ -351,18 +381,70 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base constructor reports it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same "
+                                    f"section (first on line {first.line + 1}); YAML would silently keep only the last. "
+                                    f"Keep one of them.")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a params / preset file; invalid YAML or a duplicate key is a :class:`ConfigError` naming the line."""
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
+
+
 def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
     """Read, merge ``overrides`` (a nested dict) into, and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file. Run from the project root, or pass the path of params.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty. Restore it (e.g. `git checkout -- {path.name}`) or write at "
+                          f"least the sections you change; every key is listed in README \"Params reference\".")
     if overrides:
         raw = deep_merge(raw or {}, overrides)
-    return parse_params(raw, source=str(path))
+    params = parse_params(raw, source=str(path))
+    resolve_paths(params, path.resolve().parent)
+    return params
+
+
+def resolve_paths(params: Params, base: Path) -> Params:
+    """Make every ``backbone.pretrained`` absolute, relative paths taken from ``base`` (the folder of
+    params.yaml), in place: Ray workers change directory before they build the model. The file is not
+    opened here (evaluate, predict and register never need it); a missing one is refused when a model is
+    built from it, naming the key ``models.<name>.backbone.pretrained``."""
+    for cfg in (params.model, *params.models.values()):
+        if cfg.backbone.pretrained:
+            full = Path(cfg.backbone.pretrained).expanduser()
+            if not full.is_absolute():
+                cfg.backbone.pretrained = os.path.normpath(base / full)
+    return params
 
 
 def params_to_dict(params: Params) -> dict:
@@ -550,9 +632,9 @@ def update_readme(path: Path) -> bool:
 
 def apply_preset(params_path: Path, preset_path: Path) -> dict:
     """``params_path`` deep-merged with a preset's overrides (``presets/<dataset>.yaml``), validated."""
-    base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+    base = read_yaml(Path(params_path)) or {}
     try:
-        preset = yaml.safe_load(Path(preset_path).read_text(encoding="utf-8")) or {}
+        preset = read_yaml(Path(preset_path)) or {}
     except OSError as err:
         raise ConfigError(f"{preset_path}: cannot read the preset ({err.strerror}); presets live in presets/") from None
     merged = deep_merge(base, preset)

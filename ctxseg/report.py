@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ctxseg.config import ConfigError
+from ctxseg.sweep import grid_rows, noise_level, noise_verdict
 
 CONTEXTS = ("none", "mcibi", "acf")
 CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
@@ -33,8 +34,8 @@ MEMORY_KEYS = ("init", "update", "momentum_power", "rcl")
 NOISE = 0.005  # mIoU differences below half a point are called "no clear difference" in the headline
 SYMBOL = {"mcibi.momentum": "m0", "mcibi.alpha": "α", "mcibi.beta": "β", "acf.mixtures": "K", "acf.heads": "H"}
 SWEEP_FIXED_COLUMNS = ("sweep", "trial_id", "model", "status", "epochs", "iterations", "final_mIoU", "best_mIoU",
-                       "mlflow_run_id")
-SWEEP_TEXT_COLUMNS = ("sweep", "trial_id", "model", "status", "mlflow_run_id")
+                       "seed", "repeat_of", "mlflow_run_id")
+SWEEP_TEXT_COLUMNS = ("sweep", "trial_id", "model", "status", "mlflow_run_id", "repeat_of")
 
 
 class Document:
@@ -472,30 +473,39 @@ def safe_name(name: str) -> str:
 
 
 def add_complexity_section(doc: Document, rows: list[dict]) -> None:
+    """MCIBI Table 3 beside ctxseg's measurements, in both counting conventions (see
+    :mod:`ctxseg.models.complexity`): ctxseg's GFLOPs (2 per multiply-add, attention included), ctxseg's
+    GMACs of the layers alone, and the paper's figures, which are multiply-adds without the matrix products.
+    The paper's rows that ctxseg does not implement are listed with the paper's figures only."""
     from ctxseg.models import complexity
 
     doc.heading("Complexity (MCIBI Table 3)")
     setting = "input 1×2048×128×128, 512 channels, 150 classes"
-    has_paper_time = any(finite(complexity.PAPER_TABLE3.get(r["module"], {}).get("time_ms")) for r in rows)
-    headers = ["module", "params (M)", "FLOPs (G)", "CPU latency (ms)", "paper: params (M)", "paper: FLOPs (G)"]
-    if has_paper_time:
-        headers.append("paper: time (ms, V100)")
+    headers = ["module", "params (M)", "GFLOPs (2/MAC, with attention)", "GMACs (layers only)", "CPU latency (ms)",
+               "paper: params (M)", "paper: GMACs", "paper: time (ms, V100)"]
     body = []
     for r in rows:
-        paper = complexity.PAPER_TABLE3.get(r["module"], {})
-        line = [r["module"], fmt_num(r["params_M"]), fmt_num(r["flops_G"], 1), fmt_num(r.get("latency_ms"), 1),
-                fmt_num(r.get("paper_params_M")), fmt_num(r.get("paper_flops_G"), 1)]
-        if has_paper_time:
-            line.append(fmt_num(paper.get("time_ms"), 1))
-        body.append(line)
-    doc.table(headers, body, caption=f"Decode-head feature path; params and FLOPs measured here in the paper's "
-                                     f"setting ({setting}; FLOPs = 2 per multiply-add)")
+        body.append([r["module"], fmt_num(r["params_M"]), fmt_num(r["flops_G"], 1), fmt_num(r.get("macs_G"), 1),
+                     fmt_num(r.get("latency_ms"), 1), fmt_num(r.get("paper_params_M")),
+                     fmt_num(r.get("paper_macs_G"), 1), fmt_num(r.get("paper_time_ms"), 1)])
+    for r in complexity.paper_only_rows():
+        body.append([f"{r['module']} (paper only)", "–", "–", "–", "–", fmt_num(r["paper_params_M"]),
+                     fmt_num(r["paper_macs_G"], 1), fmt_num(r["paper_time_ms"], 1)])
+    doc.table(headers, body, caption=f"Decode-head feature path; params, GFLOPs and GMACs measured here in the "
+                                     f"paper's setting ({setting})")
     latency_setting = rows[0].get("latency_setting", "") if rows else ""
+    doc.paragraph("Two counting conventions. **GFLOPs** is ctxseg's: 2 FLOPs per multiply-add, convolutions and "
+                  "every matrix product of activations (the attention products q kᵀ and P v, DCA's Eq 12 gather) "
+                  "counted. **GMACs** is the paper's: multiply-adds of the layers only, the matrix products left "
+                  "out. MCIBI Table 3's \"FLOPs (G)\" are such multiply-adds: ctxseg's PPM row (618.6 GFLOPs = "
+                  "309.3 GMACs) matches its 309.45 G; DCA's two 128²×128² attention products (about 137 GMACs) are "
+                  "not in the paper's 242.80 G. ASPP differs by design: the paper fuses the branches with a 3×3 "
+                  "conv, ctxseg with a 1×1 projection (10.49 M params, 171.8 GMACs less).")
     doc.paragraph(f"CPU latency is measured here on a much smaller input ({latency_setting}) "
                   "to fit the report's time budget: compare modules with each other, not with a GPU. "
                   "Columns marked **paper** are the figures printed in MCIBI Table 3 (Jin et al., ICCV 2021; its "
                   "timings were taken on a V100 GPU); they are the paper's numbers, not ours, and `n/a` means the "
-                  "figure was not transcribed into `ctxseg/models/complexity.py`.")
+                  "paper has no such row. Rows marked *paper only* are context schemes ctxseg does not implement.")
 
 
 def kh_epochs(rows: list[dict], grids: dict[str, tuple[list, list, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -532,7 +542,8 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
         doc.paragraph(f"No sweep results: `{results.relative_to(root)}` does not exist "
                       "(run `dvc repro tune` to sweep K x H for ACF and m0 / α / β for MCIBI).")
         return
-    rows = read_sweep(results)
+    every_row = read_sweep(results)
+    rows = grid_rows(every_row)  # the sweeps' own trials; seed repeats are reported on their own below
     if not rows:
         doc.paragraph(f"No sweep results: `{results.relative_to(root)}` holds no trials.")
         return
@@ -598,6 +609,7 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
         doc.paragraph("Best trial per swept model (short trials: compare trials with each other, not with the main "
                       "table's fully trained models):")
         doc.bullets(lines)
+    _add_noise_section(doc, every_row, scale)
     if best_yaml.is_file():
         text = best_yaml.read_text(encoding="utf-8").strip()
         comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
@@ -607,6 +619,21 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
         else:
             doc.paragraph(f"`{best_yaml.relative_to(root)}`:")
             doc.code(text if len(text.splitlines()) <= 40 else "\n".join(text.splitlines()[:40]) + "\n...")
+
+
+def _add_noise_section(doc: Document, rows: list[dict], scale: float) -> None:
+    """How far to trust each sweep: its grid's spread beside the seed-to-seed spread of its repeats."""
+    doc.paragraph("How far to trust the sweeps: each sweep's best and worst configuration were trained again with "
+                  "another seed for the same number of epochs (`tune.seed_repeats`). A grid whose spread is "
+                  "within twice the seed-to-seed spread ranks its configurations by noise.")
+    for name in dict.fromkeys(r.get("sweep") for r in rows):
+        sweep_rows = [r for r in rows if r.get("sweep") == name]
+        noise = noise_level(sweep_rows)
+        if noise is not None:
+            doc.table(["configuration (trial)", "mIoU (%) at params.seed", "mIoU (%) at seed + 1", "change"],
+                      [[str(trial), fmt_num(scale * a, 2), fmt_num(scale * b, 2), f"{scale * (b - a):+.2f}"]
+                       for trial, a, b in noise["pairs"]], caption=f"{name}: seed repeats")
+        doc.paragraph(f"`{name}`: {noise_verdict(noise)}")
 
 
 def _per_key_best_epochs(rows: list[dict], key: str, best: list[tuple]) -> list[tuple]:

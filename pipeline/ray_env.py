@@ -71,6 +71,21 @@ def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     return "local"
 
 
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables a Ray library reads in this process, for one call only."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def alive_nodes() -> list[dict]:
     import ray
 

@@ -13,98 +13,19 @@ head's store actor and every rank returns; the driver then raises it (:func:`fat
 from __future__ import annotations
 
 import logging
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint, save_training_checkpoint
+from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint
 from ctxseg.config import Params, params_to_dict, parse_params
-from ctxseg.engine import Callback, FitRun, NonFiniteLossError, build_optimizer, fit, format_eta, restore_from_payload
+from ctxseg.engine import Callback, NonFiniteLossError, build_optimizer, fit, restore_from_payload
 from pipeline import common, dataset_access, ray_env
-from pipeline.tracking import RemoteClient, log_metric_points
+from pipeline.tracking import RemoteClient
+from pipeline.train_callbacks import MlflowLog, ProgressLog, RayReport
 
 log = logging.getLogger("ctxseg.train")
-
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch:04d}"
-
-
-class ProgressLog(Callback):
-    def __init__(self, model_name: str):
-        self.name, self.started, self.start_iteration = model_name, time.perf_counter(), 0
-
-    def on_fit_start(self, run: FitRun) -> None:
-        self.start_iteration = run.state.iteration
-
-    def on_log(self, run: FitRun, record: dict) -> None:
-        done = run.state.iteration - self.start_iteration
-        eta = (time.perf_counter() - self.started) / max(done, 1) * (run.total_iterations - run.state.iteration)
-        log.info("[%s] epoch %d/%d it %d/%d loss %.4f lr %.5f %.1f img/s ETA %s", self.name, run.state.epoch + 1,
-                 run.cfg.epochs, run.state.iteration, run.total_iterations, record["loss"], record["lr"],
-                 record["images_per_s"], format_eta(eta))
-
-    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
-        log.info("[%s] epoch %d/%d done: %s", self.name, run.state.epoch, run.cfg.epochs,
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-
-
-class RayReport(Callback):
-    """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier)."""
-
-    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        payload = run.checkpoint()  # every rank: gathers the ranks' RNG states
-        if run.rank != 0:
-            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_training_checkpoint(Path(tmp), payload)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
-
-
-class MlflowLog(Callback):
-    """Rank 0's MLflow logging through the head's store actor. Interval records wait in memory until
-    the epoch's checkpoint is persisted, so the history never shows steps of a discarded attempt; a
-    replayed step already in the history is skipped (its value is identical: resume is exact)."""
-
-    def __init__(self, client: RemoteClient, run_id: str, system_metrics: bool):
-        self.client, self.run_id, self.pending, self.logged = client, run_id, [], {}
-        self.system = None
-        if system_metrics:
-            from pipeline.system_metrics import SystemSampler
-
-            self.system = SystemSampler(lambda values, step: self._send(values, step))
-
-    def _send(self, metrics: dict, step: int) -> None:
-        self.client.actor.log_metric_points.remote(self.run_id, metrics, step)
-
-    def on_fit_start(self, run: FitRun) -> None:
-        if self.system is not None:
-            self.system.start()
-
-    def on_log(self, run: FitRun, record: dict) -> None:
-        self.pending.append((dict(record), run.state.iteration))
-
-    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:  # runs after RayReport: checkpoint persisted
-        import ray
-
-        refs = [self.client.actor.log_metric_points.remote(self.run_id, rec, step) for rec, step in self.pending]
-        epoch = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
-        refs.append(self.client.actor.log_metric_points.remote(self.run_id, epoch, run.state.iteration))
-        ray.get(refs)
-        self.pending = []
-
-    def on_fit_end(self, run: FitRun, error: Optional[BaseException]) -> None:
-        if self.system is not None:
-            self.system.stop()
 
 
 def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
@@ -188,8 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     callbacks: list[Callback] = [RayReport()]
     if rank == 0:
-        callbacks.insert(0, ProgressLog(name))
-        callbacks.append(MlflowLog(RemoteClient(store), config["run_id"], config["system_metrics"]))
+        mlflow_log = MlflowLog(RemoteClient(store), config["run_id"], config["system_metrics"],
+                               replay=(payload or {}).get(MlflowLog.PAYLOAD_KEY))
+        callbacks = [ProgressLog(name), RayReport(extra=mlflow_log.checkpoint_records), mlflow_log]
     callbacks += list(config.get("callbacks") or [])
     try:
         fit(model, loaders.train, loaders.val, optimizer, params.train, num_classes=loaders.num_classes,

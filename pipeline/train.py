@@ -111,6 +111,7 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
 
     with result.checkpoint.as_directory() as ckpt_dir:
         payload = load_training_checkpoint(Path(ckpt_dir))
+        client.log_artifacts(run_id, ckpt_dir, artifact_path="checkpoint")  # the final training state
     state = TrainState(**payload["state"])
     model_file = write_model_file(model_dir / "model.pt", weights=payload["model"],
                                   model_config=cfg.model_dump(mode="json"), num_classes=num_classes,

@@ -26,15 +26,17 @@ MODELS = {
 }
 
 # the layout pipeline/tune.py writes: fixed columns, then one column per swept key (empty when not swept)
-SWEEP_CSV = """sweep,trial_id,model,status,epochs,iterations,final_mIoU,best_mIoU,mlflow_run_id,acf.mixtures,acf.heads,mcibi.momentum,mcibi.alpha,mcibi.beta
-acf_kxh,t1,fcn_acf,COMPLETED,4,10,0.30,0.31,0123456789abcdef0123456789abcdef,1,1,,,
-acf_kxh,t2,fcn_acf,COMPLETED,4,10,0.35,0.36,,2,1,,,
-acf_kxh,t3,fcn_acf,COMPLETED,4,10,0.37,0.38,,2,4,,,
-acf_kxh,t4,fcn_acf,STOPPED,2,4,0.33,0.40,,2,4,,,
-acf_kxh,t5,fcn_acf,ERROR,0,0,nan,nan,,1,4,,,
-mcibi_loss,t6,fcn_mcibi,COMPLETED,4,10,0.41,0.42,,,,0.9,0.4,1.0
-mcibi_loss,t7,fcn_mcibi,COMPLETED,4,10,0.43,0.44,,,,0.5,0.4,1.0
-mcibi_loss,t8,fcn_mcibi,STOPPED,2,4,0.39,0.40,,,,0.9,0.8,0.5
+SWEEP_CSV = """sweep,trial_id,model,status,epochs,iterations,final_mIoU,best_mIoU,seed,repeat_of,mlflow_run_id,acf.mixtures,acf.heads,mcibi.momentum,mcibi.alpha,mcibi.beta
+acf_kxh,t1,fcn_acf,COMPLETED,4,10,0.30,0.31,0,,0123456789abcdef0123456789abcdef,1,1,,,
+acf_kxh,t2,fcn_acf,COMPLETED,4,10,0.35,0.36,0,,,2,1,,,
+acf_kxh,t3,fcn_acf,COMPLETED,4,10,0.37,0.38,0,,,2,4,,,
+acf_kxh,t4,fcn_acf,STOPPED,2,4,0.33,0.40,0,,,2,4,,,
+acf_kxh,t5,fcn_acf,ERROR,0,0,nan,nan,0,,,1,4,,,
+acf_kxh,r1,fcn_acf,COMPLETED,2,4,0.36,0.37,1,t4,,2,4,,,
+acf_kxh,r2,fcn_acf,COMPLETED,4,10,0.33,0.33,1,t1,,1,1,,,
+mcibi_loss,t6,fcn_mcibi,COMPLETED,4,10,0.41,0.42,0,,,,,0.9,0.4,1.0
+mcibi_loss,t7,fcn_mcibi,COMPLETED,4,10,0.43,0.44,0,,,,,0.5,0.4,1.0
+mcibi_loss,t8,fcn_mcibi,STOPPED,2,4,0.39,0.40,0,,,,,0.9,0.8,0.5
 """
 
 
@@ -113,11 +115,20 @@ def test_report_builds_every_table_from_fabricated_outputs(tmp_path):
     assert "mIoU against mcibi.alpha" in md and "mIoU against mcibi.beta" in md
     assert "`fcn_acf`: trial `t4` (acf.mixtures=2, acf.heads=4), mIoU 40.00%" in md
     assert "`fcn_mcibi`: trial `t7` (mcibi.momentum=0.5, mcibi.alpha=0.4, mcibi.beta=1), mIoU 44.00%" in md
+    # the seed repeats (r1, r2) are not grid cells: (1, 1) keeps t1's 31.00 above; they give the noise level
+    assert "| t4 | 40.00 | 37.00 | -3.00 |" in md and "| t1 | 31.00 | 33.00 | +2.00 |" in md
+    assert ("`acf_kxh`: Grid spread 9.00 mIoU points; seed-to-seed spread of the repeated configurations 3.00. "
+            "The grid's spread exceeds twice the seed noise") in md
+    assert "`mcibi_loss`: No seed repeats ran" in md
     assert "acf.heads: 4" in md  # tune/best.yaml
-    # complexity with the paper's figures labelled as such
+    # complexity: ours in both conventions beside the paper's figures, labelled as such
     assert "Complexity (MCIBI Table 3)" in md and "paper: params (M)" in md and "V100" in md
-    # ours: params, FLOPs, measured latency (numbers); then the paper's columns (numbers or n/a)
-    assert re.search(r"\| DCA \| [\d.]+ \| [\d.]+ \| [\d.]+ \| (n/a|[\d.]+) \| (n/a|[\d.]+) \|", md)
+    assert "GFLOPs (2/MAC, with attention)" in md and "GMACs (layers only)" in md and "paper: GMACs" in md
+    # ours: params, GFLOPs, GMACs, measured latency; then the paper's params, GMACs and V100 time
+    assert re.search(r"\| DCA \| 15\.16 \| 773\.8 \| 248\.2 \| [\d.]+ \| 14\.82 \| 242\.8 \| 47\.6 \|", md)
+    assert re.search(r"\| PPM \| 23\.07 \| 618\.6 \| 309\.3 \| [\d.]+ \| 23\.07 \| 309\.4 \| 29\.6 \|", md)
+    assert "| CCNet (paper only) | – | – | – | – | 23.92 | 397.4 | 56.9 |" in md
+    assert re.search(r"\| OCR \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| n/a \| n/a \| n/a \|", md)
     # figures exist and are referenced
     figures = paths.reports / "figures"
     for name in ("training_curves", "per_class_iou", "per_class_delta", "confusion", "qualitative", "feature_space", "sweep_params",

@@ -51,8 +51,19 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     assert second.returncode == 0, out[-5000:]
     assert "resuming interrupted sweep" in out
 
-    rows = list(csv.DictReader((project / "tune" / "results.csv").open()))
+    every_row = list(csv.DictReader((project / "tune" / "results.csv").open()))
+    rows = [r for r in every_row if not r["repeat_of"]]
+    repeats = [r for r in every_row if r["repeat_of"]]
     assert len(rows) == 4
+    # the best and the worst trial trained again with seed + 1 for the same number of epochs
+    by_id = {r["trial_id"]: r for r in rows}
+    ranked = sorted(rows, key=lambda r: float(r["best_mIoU"]))
+    assert sorted(r["repeat_of"] for r in repeats) == sorted([ranked[0]["trial_id"], ranked[-1]["trial_id"]])
+    for r in repeats:
+        original = by_id[r["repeat_of"]]
+        assert r["seed"] == "1" and original["seed"] == "0"
+        assert r["epochs"] == original["epochs"] and r["status"] == "COMPLETED"
+        assert (r["acf.mixtures"], r["acf.heads"]) == (original["acf.mixtures"], original["acf.heads"])
     assert {(r["acf.mixtures"], r["acf.heads"]) for r in rows} == {("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")}
     assert all(0.0 <= float(r["best_mIoU"]) <= 1.0 for r in rows)
     assert {r["status"] for r in rows} <= {"COMPLETED", "STOPPED"}
@@ -72,16 +83,21 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     assert parent.info.status == "FINISHED" and "best_val_mIoU" in parent.data.metrics
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r["trial_id"] for r in rows)
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r["trial_id"] for r in every_row)
     assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+    assert {"grid_spread", "seed_spread"} <= set(parent.data.metrics)
     for child in children:
         assert child.data.params["tune.acf.mixtures"] == child.data.params["model.acf.mixtures"]
-        assert child.data.params["train.epochs"] == "3"
+        repeat_of = child.data.tags.get("repeat_of")
+        assert child.data.params["train.epochs"] == (by_id[repeat_of]["epochs"] if repeat_of else "3")
+        assert child.data.params["seed"] == ("1" if repeat_of else "0")
         assert "val_mIoU" in child.data.metrics and "loss" in child.data.metrics  # same names as train
-    assert {r["mlflow_run_id"] for r in rows} == {c.info.run_id for c in children}
+    assert {r["mlflow_run_id"] for r in every_row} == {c.info.run_id for c in children}
 
     # best.yaml is params vocabulary: it validates, and merged into params.yaml it picks the best trial
-    best = yaml.safe_load((project / "tune" / "best.yaml").read_text())
+    best_text = (project / "tune" / "best.yaml").read_text()
+    assert "seed-to-seed spread" in best_text and ("not distinguishable" in best_text or "exceeds" in best_text)
+    best = yaml.safe_load(best_text)
     parse_params(best)
     merged = parse_params(deep_merge(yaml.safe_load((project / "params.yaml").read_text()), best))
     top = max(rows, key=lambda r: float(r["best_mIoU"]))
@@ -116,7 +132,7 @@ def test_asha_stops_a_clearly_worse_trial_early(tmp_path):
     import ray
     from ray import tune
 
-    from pipeline.tune import _scheduler
+    from pipeline.tune_trial import scheduler as _scheduler
 
     params = parse_params({"tune": dict(SWEEP, epochs=4, max_concurrent_trials=1)})
 
@@ -144,7 +160,7 @@ def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp
     complete run: ``log_run_params`` fills in what is missing and accepts what is already there."""
     from mlflow import MlflowClient
 
-    from pipeline.train import log_run_params
+    from pipeline.tracking import log_run_params
 
     params = load_params("params.yaml")
     model = next(iter(params.models))

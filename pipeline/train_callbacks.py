@@ -1,0 +1,118 @@
+"""Callbacks of a Ray Train worker around :func:`ctxseg.engine.fit`: progress lines, the per-epoch
+checkpoint + report (:class:`RayReport`) and rank 0's MLflow logging (:class:`MlflowLog`).
+
+MLflow agrees with the weights: a step's metrics reach MLflow only after the checkpoint that holds that
+step is persisted, and the checkpoint carries them too, so a run interrupted between persisting a
+checkpoint and logging its metrics logs them when it resumes from it (a step already in the history
+is skipped: resume is exact, so a replayed value is the same).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ctxseg.checkpoint import save_training_checkpoint
+from ctxseg.engine import Callback, FitRun, format_eta
+from pipeline.tracking import RemoteClient
+
+log = logging.getLogger("ctxseg.train")
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+class ProgressLog(Callback):
+    def __init__(self, model_name: str):
+        self.name, self.started, self.start_iteration = model_name, time.perf_counter(), 0
+
+    def on_fit_start(self, run: FitRun) -> None:
+        self.start_iteration = run.state.iteration
+
+    def on_log(self, run: FitRun, record: dict) -> None:
+        done = run.state.iteration - self.start_iteration
+        eta = (time.perf_counter() - self.started) / max(done, 1) * (run.total_iterations - run.state.iteration)
+        log.info("[%s] epoch %d/%d it %d/%d loss %.4f lr %.5f %.1f img/s ETA %s", self.name, run.state.epoch + 1,
+                 run.cfg.epochs, run.state.iteration, run.total_iterations, record["loss"], record["lr"],
+                 record["images_per_s"], format_eta(eta))
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
+        log.info("[%s] epoch %d/%d done: %s", self.name, run.state.epoch, run.cfg.epochs,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+class RayReport(Callback):
+    """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier).
+
+    ``extra(run, metrics)``: more entries for rank 0's checkpoint payload (plain data)."""
+
+    def __init__(self, extra: Optional[Callable[[FitRun, dict], dict]] = None):
+        self.extra = extra
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        payload = run.checkpoint()  # every rank: gathers the ranks' RNG states
+        if self.extra is not None:
+            payload.update(self.extra(run, metrics))
+        if run.rank != 0:
+            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_checkpoint(Path(tmp), payload)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+
+
+class MlflowLog(Callback):
+    """Rank 0's MLflow logging through the head's store actor. Interval records wait in memory until
+    the epoch's checkpoint is persisted, so the history never shows steps of a discarded attempt; a
+    replayed step already in the history is skipped (its value is identical: resume is exact)."""
+
+    PAYLOAD_KEY = "mlflow_records"  # the checkpoint entry holding the epoch's records (step, metrics)
+
+    def __init__(self, client: RemoteClient, run_id: str, system_metrics: bool, replay: Optional[list] = None):
+        self.client, self.run_id, self.pending, self.logged = client, run_id, [], {}
+        self.replay = list(replay or [])  # the records of the checkpoint a resumed run starts from
+        self.system = None
+        if system_metrics:
+            from pipeline.system_metrics import SystemSampler
+
+            self.system = SystemSampler(lambda values, step: self._send(values, step))
+
+    def _send(self, metrics: dict, step: int) -> None:
+        self.client.actor.log_metric_points.remote(self.run_id, metrics, step)
+
+    def on_fit_start(self, run: FitRun) -> None:
+        import ray
+
+        ray.get([self.client.actor.log_metric_points.remote(self.run_id, rec, step) for rec, step in self.replay])
+        self.replay = []
+        if self.system is not None:
+            self.system.start()
+
+    def _epoch_records(self, run: FitRun, metrics: dict) -> list:
+        epoch = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
+        return self.pending + [(epoch, run.state.iteration)]
+
+    def checkpoint_records(self, run: FitRun, metrics: dict) -> dict:
+        """The epoch's records for the checkpoint (:class:`RayReport` ``extra``)."""
+        return {self.PAYLOAD_KEY: self._epoch_records(run, metrics)}
+
+    def on_log(self, run: FitRun, record: dict) -> None:
+        self.pending.append((dict(record), run.state.iteration))
+
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:  # runs after RayReport: checkpoint persisted
+        import ray
+
+        ray.get([self.client.actor.log_metric_points.remote(self.run_id, rec, step)
+                 for rec, step in self._epoch_records(run, metrics)])
+        self.pending = []
+
+    def on_fit_end(self, run: FitRun, error: Optional[BaseException]) -> None:
+        if self.system is not None:
+            self.system.stop()

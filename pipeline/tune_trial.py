@@ -1,0 +1,148 @@
+"""What runs inside Ray Tune for the ``tune`` stage: one trial (a full Ray Train run built by
+:func:`pipeline.ray_train.make_trainer`, the train stage's own code path), the search space, the
+searcher and the ASHA scheduler, and the trial results read back as plain rows (:mod:`ctxseg.sweep`).
+
+A trial may run on any node: it reaches MLflow through the head's store actor
+(:class:`pipeline.tracking.RemoteClient`), the dataset through the published handle
+(:mod:`pipeline.dataset_access`) and keeps its checkpoints under the sweep's storage
+(``ray.storage_path`` on a cluster).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ctxseg.config import Params, SweepConfig, parse_params
+from ctxseg.sweep import finite, trial_params, trial_status
+from pipeline import common, tracking
+from pipeline.ray_train import fatal_error_of, make_trainer
+
+log = logging.getLogger("ctxseg.tune")
+
+REPEAT_KEY = "_repeat"  # a repeat trial's config: {"overrides", "epochs", "seed", "of"}
+
+
+def search_space(sweep: SweepConfig) -> dict[str, Any]:
+    """Ray Tune domains for the sweep's keys (grid dimensions become choices outside grid search)."""
+    from ray import tune
+
+    space = {}
+    for key, dim in sweep.space.items():
+        values = getattr(dim, dim.kind)
+        if dim.kind in ("grid", "choice"):
+            space[key] = tune.grid_search(list(values)) if sweep.search == "grid" else tune.choice(list(values))
+        elif dim.kind == "uniform":
+            space[key] = tune.uniform(*values)
+        elif dim.kind == "loguniform":
+            space[key] = tune.loguniform(*values)
+        else:
+            space[key] = tune.randint(*values)
+    return space
+
+
+def searcher(sweep: SweepConfig, seed: int, metric: str, max_concurrent: int):
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode="max", seed=seed)
+    if sweep.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    return None
+
+
+def scheduler(params: Params):
+    t = params.tune
+    if t.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=t.epochs, grace_period=min(t.grace_period, t.epochs),
+                         reduction_factor=t.reduction_factor)
+
+
+def run_trial(config: dict, *, context: dict) -> None:
+    """A Tune function trainable: builds the train stage's TorchTrainer for this trial and fits it.
+
+    ``context``: plain data and Ray handles only (base params, sweep name, parent run id, the store
+    actor, the dataset handle, the sweep's storage), so the trial runs on any node."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    common.setup_logging()
+    base = context["base"]
+    params = parse_params(base)
+    sweep_name = context["sweep"]
+    sweep = params.tune.sweeps[sweep_name]
+    repeat = config.get(REPEAT_KEY)
+    overrides = dict(repeat["overrides"]) if repeat else {k: config[k] for k in sweep.space}
+    tp = trial_params(base, params, sweep, overrides, epochs=repeat and repeat["epochs"],
+                      seed=repeat and repeat["seed"])
+    trial_id = tune.get_context().get_trial_id()
+    client = tracking.RemoteClient(context["store"])
+    parent_id = context["parent_run_id"]
+    existing = client.search_runs([context["experiment_id"]], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.trial_id = '{trial_id}'"))
+    if existing:  # a restored trial re-attaches to its own run
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        label = f"{sweep_name}/{trial_id}" + (f" (seed repeat of {repeat['of']})" if repeat else "")
+        tags = {"stage": "tune", "sweep": sweep_name, "trial_id": trial_id, "mlflow.parentRunId": parent_id,
+                **({"repeat_of": repeat["of"]} if repeat else {})}
+        run_id = tracking.create_run(client, context["experiment_id"], tp, sweep.model, context["commit"],
+                                     f"{tracking.run_name(tp, sweep.model)} · {label}", tags)
+    # Logged on re-attach too: the interruption may have come between creating the run and its params.
+    tracking.log_run_params(client, run_id, tp, sweep.model, {f"tune.{k}": v for k, v in overrides.items()})
+    trainer = make_trainer(tp, sweep.model, dataset=context["dataset"], store=context["store"], run_id=run_id,
+                           storage=f"{context['storage']}/trials", name=trial_id, callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+        fatal = fatal_error_of(context["store"], run_id, sweep.model)
+        if fatal is not None:
+            raise fatal
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def result_rows(grid, params: Params, sweep: SweepConfig, name: str) -> list[dict]:
+    """One plain row per trial of a finished Tuner (see :data:`ctxseg.sweep.RESULT_COLUMNS`)."""
+    metric = params.tune.metric
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        frame = result.metrics_dataframe
+        best = float(frame[metric].max()) if frame is not None and metric in frame else float("nan")
+        epochs = int(metrics.get("epoch", 0) or 0)
+        repeat = result.config.get(REPEAT_KEY)
+        planned = repeat["epochs"] if repeat else params.tune.epochs
+        row = {"sweep": name, "trial_id": metrics.get("trial_id") or Path(result.path).name, "model": sweep.model,
+               "status": trial_status(epochs, planned, result.error is not None), "epochs": epochs,
+               "iterations": int(metrics.get("iteration", 0) or 0),
+               "final_mIoU": float(metrics.get(metric, float("nan"))), "best_mIoU": best, "mlflow_run_id": "",
+               "seed": repeat["seed"] if repeat else params.seed, "repeat_of": repeat["of"] if repeat else ""}
+        for key in sweep.space:
+            row[key] = (repeat["overrides"] if repeat else result.config).get(key)
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def reconcile_children(client, experiment_id: str, parent_id: str, rows: list[dict]) -> None:
+    """Close child runs that ASHA stopped (their actor was ended mid-run) and link run ids to rows."""
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    by_trial = {run.data.tags.get("trial_id"): run for run in children}
+    for row in rows:
+        run = by_trial.get(row["trial_id"])
+        if run is None:
+            continue
+        row["mlflow_run_id"] = run.info.run_id
+        client.set_tag(run.info.run_id, "tune_status", row["status"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED" if row["status"] == "ERROR" else "FINISHED")
+
+
+__all__ = ["search_space", "searcher", "scheduler", "run_trial", "result_rows", "reconcile_children", "finite"]
