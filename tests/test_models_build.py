@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -169,20 +167,23 @@ def test_resnet101_depths():
     assert bb.out_channels == [16, 32, 64, 128]
 
 
-def test_pretrained_local_file_reports_keys(tmp_path, caplog):
+def test_pretrained_local_file_loads_whole_or_refuses(tmp_path):
+    # the full layout matrix is in test_models_pretrained.py; here: a segmentor checkpoint's backbone loads,
+    # extras are ignored, and a file missing one stage tensor is refused (it used to load with a warning)
+    from ctxseg.models.backbones import PretrainedFileNotFoundError, PretrainedWeightsError
+
     src = build_backbone(BackboneConfig())
-    state = {f"backbone.{k}": v.clone() for k, v in src.state_dict().items() if not k.startswith("layer4.0.conv3")}
-    state["backbone.extra.weight"] = torch.zeros(1)
-    state["fc.weight"] = torch.zeros(10, 10)
+    state = {f"backbone.{k}": v.clone() + 1 for k, v in src.state_dict().items()}
+    state["decode_head.extra.weight"] = torch.zeros(1)
     path = tmp_path / "w.pth"
     torch.save({"state_dict": state}, path)
-    with caplog.at_level(logging.WARNING, logger="ctxseg.models.backbones"):
-        model = build_segmentor({"backbone": {"pretrained": str(path)}}, 3)
-    text = caplog.text
-    assert "missing" in text and "layer4.0.conv3.weight" in text
-    assert "unexpected" in text and "extra.weight" in text
-    assert torch.equal(model.backbone.layer1[0].conv2.weight, src.layer1[0].conv2.weight)
-    with pytest.raises(FileNotFoundError):
+    model = build_segmentor({"backbone": {"pretrained": str(path)}}, 3)
+    assert torch.equal(model.backbone.layer1[0].conv2.weight, src.layer1[0].conv2.weight + 1)
+    del state["backbone.layer4.0.conv3.weight"]
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(PretrainedWeightsError, match="layer4.0.conv3.weight"):
+        build_segmentor({"backbone": {"pretrained": str(path)}}, 3)
+    with pytest.raises(PretrainedFileNotFoundError):
         build_segmentor({"backbone": {"pretrained": str(tmp_path / "nope.pth")}}, 3)
 
 

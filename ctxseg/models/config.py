@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 __all__ = ["BackboneConfig", "MCIBIConfig", "ACFConfig", "ModelConfig"]
 
@@ -31,7 +31,10 @@ class BackboneConfig(BaseModel):
     name: Literal["resnet_tiny", "resnet18", "resnet50", "resnet101"] = "resnet_tiny"
     deep_stem: bool = False
     pretrained: Optional[str] = Field(
-        default=None, description="local checkpoint path, loaded with torch.load(weights_only=True)"
+        default=None,
+        description="local ImageNet checkpoint (torchvision, OpenMMLab v1c or timm deep-stem key layout), read "
+        "with torch.load(weights_only=True); relative to the folder of params.yaml. Every backbone tensor must "
+        "load or training refuses to start. model.pt does not need it",
     )
     output_stride: Literal[8, 16, 32] = 8
     width: Optional[int] = Field(
@@ -47,6 +50,19 @@ class BackboneConfig(BaseModel):
         description="extra dilation multipliers of stages 3 and 4 at OS 8; None = family default "
         "((2, 4) for resnet18/50/101, (1, 1) for resnet_tiny)",
     )
+
+    # where this block sits in params.yaml ("models.<name>.backbone"), for error messages; set by
+    # ctxseg.config.Params. Not a field: not dumped, not compared (see __eq__).
+    _origin: str = PrivateAttr(default="model.backbone")
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BackboneConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
 
     @model_validator(mode="after")
     def _check(self) -> "BackboneConfig":
