@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -75,6 +76,17 @@ def write_model_file(path: Path, *, weights: dict, model_config: dict, num_class
     return record
 
 
+def _unpickler_detail(err: BaseException) -> str:
+    """The one informative line of torch's weights-only refusal (it also suggests weights_only=False,
+    which must never be followed for an untrusted file)."""
+    skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    for ln in (ln.strip() for ln in str(err).splitlines()):
+        ln = ln.removeprefix("WeightsUnpickler error:").strip()
+        if ln and not ln.startswith(skip):
+            return ln
+    return type(err).__name__
+
+
 def read_model_file(path: Union[str, Path], expected_classes: Optional[int] = None) -> ModelFile:
     """Read a model file (``weights_only=True``); refuse anything that is not one, naming the file."""
     path = Path(path)
@@ -83,7 +95,11 @@ def read_model_file(path: Union[str, Path], expected_classes: Optional[int] = No
                              "models/<model>/model.pt it writes.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, a pickle with code objects, not a torch file at all
+    except pickle.UnpicklingError as err:  # a pickle holding more than tensors and plain containers
+        raise ModelFileError(f"{path}: refused: it holds objects other than weights and plain data, which a ctxseg "
+                             f"model file never does (a tampered or foreign file; {_unpickler_detail(err)}). It was "
+                             "not loaded and nothing in it ran. Use a model.pt written by the train stage.") from None
+    except Exception as err:  # truncated file, not a torch file at all
         raise ModelFileError(f"{path}: cannot be read as a ctxseg model file ({err}). Re-run the train stage "
                              "to write it again.") from None
     missing = [k for k in ("model", "model_config", "num_classes") if not isinstance(payload, dict) or k not in payload]

@@ -155,3 +155,73 @@ def test_preset_typo_is_rejected(tmp_path):
     bad.write_text("train: {epoch: 10}\n")
     with pytest.raises(ConfigError, match="`train.epoch`: unknown key. Did you mean `train.epochs`"):
         apply_preset(ROOT / "params.yaml", bad)
+
+
+# ------------------------------------------------------------------------------- hostile params (#14)
+
+
+def test_empty_params_file_is_refused(tmp_path):
+    for text in ("", "\n", "# only a comment\n", "---\n"):
+        p = tmp_path / "params.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match="params.yaml: the file is empty"):
+            load_params(p)
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  epochs: 3\n  lr: 0.01\n  epochs: 40\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(p)
+    msg = str(info.value)
+    assert "line 4: key 'epochs' is given twice" in msg and "first on line 2" in msg
+    p.write_text("seed: 1\ntrain: {}\nseed: 2\n")  # at the top level too
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        load_params(p)
+    p.write_text("train: {epochs: 3}\nmodel: {epochs: 3}\n")  # the same key in two sections is not a duplicate
+    with pytest.raises(ConfigError, match="`model.epochs`: unknown key"):
+        load_params(p)
+
+
+def test_duplicate_key_in_a_preset_is_refused(tmp_path):
+    from ctxseg.config import apply_preset
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 10\n  epochs: 20\n")
+    with pytest.raises(ConfigError, match="bad.yaml: line 3: key 'epochs' is given twice"):
+        apply_preset(ROOT / "params.yaml", bad)
+
+
+@pytest.mark.parametrize("name", ["fcn\n", "fcn\r", "fcn\x00", "fc\tn", " fcn", "fcn/x", ".hidden", "", "fcn\u2028"])
+def test_model_and_sweep_names_with_control_characters_are_refused(name):
+    raw = shipped()
+    raw["models"][name] = {}
+    with pytest.raises(ConfigError, match="model name .* must start with a letter or digit"):
+        parse_params(raw)
+    raw = shipped()
+    sweep = next(iter(raw["tune"]["sweeps"].values()))
+    raw["tune"]["sweeps"] = {name: sweep}
+    with pytest.raises(ConfigError, match="sweep name .* must start with a letter or digit"):
+        parse_params(raw)
+
+
+def test_good_model_names_still_pass():
+    raw = shipped()
+    raw["models"]["ocr-2.v1_b"] = {}
+    assert "ocr-2.v1_b" in parse_params(raw).models
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "a\\b", "/abs", "exp\n", " exp", "exp\x00"])
+def test_experiment_name_cannot_leave_the_artifact_root(name):
+    raw = shipped()
+    raw["mlflow"]["experiment"] = name
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    msg = str(info.value)
+    assert "`mlflow.experiment`" in msg and "experiment name" in msg
+
+
+def test_plain_experiment_names_pass():
+    raw = shipped()
+    raw["mlflow"]["experiment"] = "camvid study 2"
+    assert parse_params(raw).mlflow.experiment == "camvid study 2"

@@ -122,7 +122,7 @@ def test_tampered_mlflow_artifact_is_refused_without_unpickling(tmp_path, monkey
                    "--params", str(params_file)])
         err = capsys.readouterr().err
         assert rc == 2, err
-        assert "cannot be read as a ctxseg model file" in err and source in err and "Traceback" not in err
+        assert "refused: it holds objects other than weights" in err and source in err and "Traceback" not in err
         assert not marker.exists() and not (tmp_path / "out").exists()
     # the register stage checks the artifact the same way and refuses to register it
     records = [{"name": "fcn", "metrics": {"mIoU": 0.4}, "run": {}, "run_id": run_id}]

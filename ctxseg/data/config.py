@@ -6,6 +6,7 @@ README.md, "The embedded synthetic dataset").
 """
 from __future__ import annotations
 
+import urllib.parse
 from typing import Dict, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -188,6 +189,21 @@ class DataConfig(_Strict):
     def _known_dataset(cls, v):
         if v not in dataset_names():
             raise ValueError(unknown_dataset_message(v))
+        return v
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        try:
+            parts = urllib.parse.urlsplit(v)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) or parts.scheme == "file"
+        except ValueError:
+            ok = False
+        if not ok or any(c.isspace() for c in v):
+            raise ValueError(f"mirror {v!r} is not a URL the download stage can use: give an http:// or https:// "
+                             f"base URL (e.g. https://mirror.example.org/datasets), or file:///path/to/folder")
         return v
 
     @field_validator("checksums")

@@ -52,7 +52,7 @@ from ctxseg.data.extract import (
     list_archive,
     safe_extract,
 )
-from ctxseg.data.layout import check_sample_ids
+from ctxseg.data.layout import check_sample_ids, format_problems
 from ctxseg.data.types import ChecksumError, DownloadError, UnsafeArchiveError
 from ctxseg.io import atomic_path, write_json
 
@@ -77,21 +77,25 @@ RECORDED = "recorded"
 def parse_checksum(spec: str) -> Tuple[str, str]:
     algo, _, digest = spec.partition(":")
     if algo not in ("md5", "sha1", "sha256") or not digest:
-        raise ValueError(f"bad checksum spec {spec!r}; expected 'md5:<hex>', 'sha1:<hex>' or 'sha256:<hex>'")
+        raise ChecksumError(f"bad checksum spec {spec!r}; expected 'md5:<hex>', 'sha1:<hex>' or 'sha256:<hex>'")
     return algo, digest.lower()
 
 
 def file_digest(path: Path, algo: str = "sha256", progress: bool = True) -> str:
     h = hashlib.new(algo)
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"{algo} {path.name}",
-                                     disable=None if progress else True, leave=False) as bar:
-        while True:
-            buf = f.read(CHUNK)
-            if not buf:
-                break
-            h.update(buf)
-            bar.update(len(buf))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"{algo} {path.name}",
+                                         disable=None if progress else True, leave=False) as bar:
+            while True:
+                buf = f.read(CHUNK)
+                if not buf:
+                    break
+                h.update(buf)
+                bar.update(len(buf))
+    except OSError as e:
+        raise DownloadError(f"cannot read {path} to check its checksum ({type(e).__name__}: {e.strerror or e}); "
+                            f"fix its permissions or replace the file") from None
     return h.hexdigest()
 
 
@@ -104,9 +108,12 @@ class ChecksumBook:
     def load(self) -> Dict[str, str]:
         if self.path.is_file():
             try:
-                return dict(json.loads(self.path.read_text()))
-            except ValueError:
-                log.warning("ignoring unreadable checksum record %s", self.path)
+                book = json.loads(self.path.read_text())
+                if isinstance(book, dict):
+                    return {str(k): v for k, v in book.items() if isinstance(v, str)}
+            except (ValueError, OSError):
+                pass
+            log.warning("ignoring unreadable checksum record %s", self.path)
         return {}
 
     def get(self, name: str) -> Optional[str]:
@@ -163,7 +170,13 @@ def verify_file(path: Path, expected: Optional[str], book: Optional[ChecksumBook
         if book is None:
             return f"sha256:{file_digest(path, 'sha256')}"
         return record_file(path, book, name)
-    algo, want = parse_checksum(spec)
+    try:
+        algo, want = parse_checksum(spec)
+    except ChecksumError as e:
+        where = (f"data.checksums[{name!r}]" if expected and origin == OVERRIDE else
+                 f"the published checksum of {name}" if expected else
+                 f"{book.path if book is not None else 'checksums.json'} (recorded for {name})")
+        raise ChecksumError(f"{e} in {where}; fix or delete that entry") from None
     got = file_digest(path, algo)
     if got == want:
         return spec
@@ -214,7 +227,10 @@ def http_download(url: str, dest: Path, expected: Optional[str] = None, book: Op
     total: Optional[int] = None
     while True:
         offset = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        except ValueError as e:  # not a URL urllib can open
+            raise DownloadError(f"cannot download {url!r}: {e}; check data.mirror (an http(s):// base URL)") from None
         if offset:
             req.add_header("Range", f"bytes={offset}-")
         try:
@@ -222,7 +238,10 @@ def http_download(url: str, dest: Path, expected: Optional[str] = None, book: Op
                 status = resp.status
                 if offset and status == 206:
                     cr = resp.headers.get("Content-Range", "")
-                    start = int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else -1
+                    try:
+                        start = int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else -1
+                    except (ValueError, IndexError):  # a malformed header: treated as a wrong range
+                        start = -1
                     if start != offset:
                         raise DownloadError(f"server answered Range {offset}- with {cr!r} for {url}")
                     mode = "ab"
@@ -327,10 +346,8 @@ def _warn_listing_problems(name: str, problems: Sequence[Tuple[str, str]], limit
     problem of the data (corrupt files, out-of-range values) in one message."""
     if not problems:
         return
-    lines = "\n".join(f"  {f}: {m}" for f, m in problems[:limit])
-    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    log.warning("%s: %d problem(s) in the raw data; the preprocess stage will refuse it until they are fixed:\n%s%s",
-                name, len(problems), lines, more)
+    log.warning("%s: %d problem(s) in the raw data; the preprocess stage will refuse it until they are fixed:\n%s",
+                name, len(problems), format_problems(problems, limit))
 
 
 def download_dataset(cfg: DataConfig, raw_dir: Path) -> Path:

@@ -254,12 +254,23 @@ class _Archive:
             f"({type(e).__name__}: {e}). Delete it and get it again (re-download, or copy the complete file "
             f"to data.source).")
 
-    def members(self) -> List[_Member]:
+    def members(self, limit: Optional[int] = None) -> List[_Member]:
+        """Every member (reading a tar to the end detects truncation); with ``limit``, reading stops
+        at ``limit + 1`` members, so an archive of millions of empty members is refused without
+        holding them all in memory."""
         try:
+            members: Iterator[_Member]
             if self.zip is not None:
-                return list(_zip_members(self.zip))
-            assert self.tar is not None
-            return [_tar_member(m) for m in self.tar.getmembers()]  # reads to the end: detects truncation
+                members = _zip_members(self.zip)
+            else:
+                assert self.tar is not None
+                members = (_tar_member(m) for m in self.tar)
+            out: List[_Member] = []
+            for m in members:
+                out.append(m)
+                if limit is not None and len(out) > limit:
+                    break
+            return out
         except READ_ERRORS as e:
             raise self.corrupt(e) from None
 
@@ -309,8 +320,8 @@ def _check_members(members: Sequence[_Member], limits: ExtractLimits, budget: Op
         declared += m.size
     if len(members) > limits.max_members:
         bad.append((members[limits.max_members].name,
-                    f"the archive has {len(members)} members, more than data.extract_max_members="
-                    f"{limits.max_members}; raise it if the archive is genuine"))
+                    f"the archive has more members than data.extract_max_members={limits.max_members} (this is "
+                    f"member {limits.max_members + 1}); raise it if the archive is genuine"))
     if budget is not None and declared > budget[0]:
         bad.append(("(all members)", f"the members declare {declared} bytes, more than the extraction budget of "
                                      f"{budget[0]} bytes ({budget[1]}); if the archive is genuine, set "
@@ -325,7 +336,7 @@ def check_archive(archive: Path, limits: Optional[ExtractLimits] = None) -> List
     limits = limits or ExtractLimits()
     archive = Path(archive)
     with _Archive(archive) as arc:
-        return _check_members(arc.members(), limits, None)
+        return _check_members(arc.members(limits.max_members), limits, None)
 
 
 def list_archive(archive: Path) -> int:
@@ -506,7 +517,7 @@ def safe_extract(archive: Path, dest: Path, limits: Optional[ExtractLimits] = No
     dest.parent.mkdir(parents=True, exist_ok=True)
     budget = limits.budget(archive, dest.parent)
     with _Archive(archive) as arc:
-        members = arc.members()
+        members = arc.members(limits.max_members)
         bad = _check_members(members, limits, budget)
         if bad:
             listing = "\n".join(f"  {n!r}: {why}" for n, why in bad[:20])

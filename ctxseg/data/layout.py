@@ -15,7 +15,7 @@ from ctxseg.data.types import LabelDecoder, LayoutError, Sample
 
 __all__ = [
     "IMAGE_EXTS", "Listing", "walk_dirs", "find_dirs", "find_dir", "images_in", "read_ids",
-    "pair_by_stem", "unpaired_labels", "sample_id_problem", "check_sample_ids",
+    "pair_by_stem", "unpaired_labels", "sample_id_problem", "check_sample_ids", "shown_path", "format_problems",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -106,13 +106,33 @@ def unpaired_labels(labels: Dict[str, Path], used: Iterable[str], split: str = "
                      f"the label") for k, p in sorted(labels.items()) if k not in used]
 
 
+def _control_chars(text: str) -> List[str]:
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+
+
+def shown_path(path: Any) -> str:
+    """A file name as a message shows it: quoted (escapes visible) when it holds control characters or
+    surrounding white space, so a newline in a name cannot break or forge a line of the listing."""
+    text = str(path)
+    name = text.rsplit("/", 1)[-1]
+    return repr(text) if _control_chars(text) or name != name.strip() else text
+
+
+def format_problems(problems: Sequence[Problem], limit: int = 20) -> str:
+    """``(file, problem)`` pairs as indented lines, the first ``limit`` of them and a count of the rest."""
+    lines = [f"  {shown_path(f)}: {m}" for f, m in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
 def sample_id_problem(sample_id: str) -> Optional[str]:
     """Why ``sample_id`` cannot be a file name in the prepared layout / a line of ``<split>.txt``."""
     if sample_id in ("", ".", ".."):
         return f"invalid sample id {sample_id!r}"
     if "/" in sample_id or "\\" in sample_id:
         return f"invalid sample id {sample_id!r} (contains a path separator)"
-    bad = [c for c in sample_id if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    bad = _control_chars(sample_id)
     if bad:
         return (f"invalid sample id {sample_id!r}: the file name contains control characters "
                 f"({', '.join(repr(c) for c in sorted(set(bad)))}); rename the file")

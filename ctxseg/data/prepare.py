@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ctxseg.data.decoders import LutDecoder, read_png_label
-from ctxseg.data.layout import check_sample_ids
+from ctxseg.data.layout import check_sample_ids, format_problems
 from ctxseg.data.types import IGNORE_INDEX, DatasetInfo, DataValidationError, LabelDecoder, Sample
 
 __all__ = ["prepare_dataset", "convert_samples", "convert_one", "DataValidationError", "Sample", "LabelDecoder",
@@ -135,10 +135,7 @@ def _effective_workers(requested: int, n: int) -> int:
 
 
 def _summarise(problems: List[Tuple[str, str]], limit: int = 20) -> str:
-    lines = [f"  {f}: {m}" for f, m in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more")
-    return "\n".join(lines)
+    return format_problems(problems, limit)
 
 
 def convert_samples(
