@@ -13,40 +13,18 @@ head's store actor and every rank returns; the driver then raises it (:func:`fat
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint
 from ctxseg.config import Params, params_to_dict, parse_params
 from ctxseg.engine import Callback, NonFiniteLossError, build_optimizer, fit, restore_from_payload
 from pipeline import common, dataset_access, ray_env
+from pipeline.run_storage import last_checkpoint_name, newest_checkpoint
 from pipeline.tracking import RemoteClient
 from pipeline.train_callbacks import MlflowLog, ProgressLog, RayReport
 
 log = logging.getLogger("ctxseg.train")
-
-
-def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
-    """The checkpoint furthest along that exists *now*: the newest complete ``checkpoint_epoch_*``
-    folder of the run's storage (newer than Ray's record when a driver stopped between writing a
-    checkpoint and Ray recording it; Ray may also have deleted older ones), else Ray's record."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
-    names = sorted((i.base_name for i in found if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_epoch_")), reverse=True)
-    candidates = [Checkpoint(f"{base}/{ray_name}/{n}", filesystem=fs) for n in names]
-    for checkpoint in candidates + ([recorded] if recorded is not None else []):
-        try:
-            with checkpoint.as_directory() as local:
-                return load_training_checkpoint(Path(local))
-        except Exception as err:  # partly written (disk full, killed mid-copy): try the one before
-            log.warning("skipping incomplete checkpoint %s (%s)", checkpoint.path, err.__class__.__name__)
-    return None
 
 
 def _agree(rank_error: Optional[str], world: int) -> list[str]:
@@ -160,15 +138,6 @@ def fit_or_explain(trainer, client, run_id: str, what: str, run_path: str, max_f
         ) from None
 
 
-def last_checkpoint_name(storage: str, ray_name: str) -> Optional[str]:
-    import pyarrow.fs as pafs
-
-    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
-    names = sorted(i.base_name for i in found if i.base_name.startswith("checkpoint_epoch_"))
-    return names[-1] if names else None
-
-
 def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str,
                  name: str, callbacks: Optional[list] = None, worker_callbacks: Optional[list] = None):
     """The TorchTrainer of one training run; shared by the train stage and every Tune trial."""
@@ -198,16 +167,4 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
     )
 
 
-def clear_storage(storage: str, ray_name: str) -> None:
-    """Remove a run's checkpoints (its config changed, or it had finished)."""
-    import pyarrow.fs as pafs
-
-    fs, base = (pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage))
-    try:
-        fs.delete_dir(f"{base}/{ray_name}")
-    except (FileNotFoundError, OSError):
-        pass
-
-
-__all__ = ["train_loop_per_worker", "make_trainer", "newest_checkpoint", "fatal_error_of", "clear_storage",
-           "CHECKPOINT_FILE"]
+__all__ = ["train_loop_per_worker", "make_trainer", "fatal_error_of", "fit_or_explain"]

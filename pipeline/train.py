@@ -21,7 +21,8 @@ from ctxseg.engine import TrainState
 from ctxseg.io import write_json
 from ctxseg.models import build_segmentor
 from pipeline import common, dataset_access, ray_env, tracking
-from pipeline.ray_train import clear_storage, fatal_error_of, fit_or_explain, make_trainer
+from pipeline.ray_train import fatal_error_of, fit_or_explain, make_trainer
+from pipeline.run_storage import clear_storage
 
 log = logging.getLogger("ctxseg.train")
 

@@ -16,13 +16,10 @@ from typing import Callable, Optional
 
 from ctxseg.checkpoint import save_training_checkpoint
 from ctxseg.engine import Callback, FitRun, format_eta
+from pipeline.run_storage import checkpoint_dir_name
 from pipeline.tracking import RemoteClient
 
 log = logging.getLogger("ctxseg.train")
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch:04d}"
 
 
 class ProgressLog(Callback):

@@ -31,11 +31,13 @@ from typing import Optional
 import yaml
 
 from ctxseg import sweep as sweeps
-from ctxseg.config import Params, flatten, params_to_dict
+from ctxseg.config import Params, params_to_dict
 from ctxseg.io import write_json, write_text
 from ctxseg.models import build_segmentor
 from pipeline import common, dataset_access, ray_env, tracking
-from pipeline.tune_trial import REPEAT_KEY, reconcile_children, result_rows, run_trial, scheduler, search_space, searcher
+from pipeline.run_storage import clear_storage
+from pipeline.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
+                                 run_trial, scheduler, search_space, searcher)
 
 log = logging.getLogger("ctxseg.tune")
 
@@ -91,8 +93,6 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
         tracking.close_superseded_run(client, record, "parent_run_id", f"[{name}]")
         shutil.rmtree(record_dir, ignore_errors=True)
         if "://" in storage:
-            from pipeline.ray_train import clear_storage
-
             clear_storage(*storage.rsplit("/", 1))
         parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}", tags={
             "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name,
@@ -100,7 +100,7 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     record_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "running", "parent_run_id": parent_id})
     # After sweep.json names the parent: a sweep interrupted while logging them completes them on resume.
-    _log_sweep_params(client, parent_id, params, name)
+    log_sweep_params(client, parent_id, params, name)
 
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id, "store": store,
                "experiment_id": experiment_id, "commit": common.git_commit(paths.root), "dataset": dataset,
@@ -135,35 +135,13 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
         client.set_terminated(parent_id, status="FAILED")
         raise
     reconcile_children(client, experiment_id, parent_id, rows)
-    _close_parent(client, parent_id, params, sweep, rows)
+    close_parent_run(client, parent_id, params, sweep, rows)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "finished", "parent_run_id": parent_id})
     grid = sweeps.grid_rows(rows)
     log.info("[%s] %d trials (%d stopped early, %d errored) + %d seed repeats. %s", name, len(grid),
              sum(r["status"] == "STOPPED" for r in grid), sum(r["status"] == "ERROR" for r in grid),
              len(rows) - len(grid), sweeps.noise_verdict(sweeps.noise_level(rows)))
     return rows
-
-
-def _close_parent(client, parent_id: str, params: Params, sweep, rows: list[dict]) -> None:
-    grid = [r for r in sweeps.grid_rows(rows) if sweeps.finite(r["best_mIoU"])]
-    if grid:
-        best = max(grid, key=lambda r: r["best_mIoU"])
-        client.log_metric(parent_id, f"best_{params.tune.metric}", float(best["best_mIoU"]))
-        for key in sweep.space:
-            client.set_tag(parent_id, f"best.{key}", str(best[key]))
-    noise = sweeps.noise_level(rows)
-    if noise is not None:
-        client.log_metric(parent_id, "grid_spread", noise["grid_spread"])
-        client.log_metric(parent_id, "seed_spread", noise["seed_spread"])
-    client.log_text(parent_id, sweeps.results_csv(rows, list(sweep.space)), "results.csv")
-    client.set_terminated(parent_id, status="FINISHED")
-
-
-def _log_sweep_params(client, parent_id: str, params: Params, name: str) -> None:
-    """The sweep's settings and search space on its parent run (idempotent, so a resume calls it again)."""
-    t = params_to_dict(params)["tune"]
-    settings = {k: v for k, v in t.items() if k != "sweeps"}
-    tracking.log_params(client, parent_id, flatten({"tune": settings, "sweep": t["sweeps"][name]}))
 
 
 def run_all(params: Params, paths: common.Paths) -> list[dict]:

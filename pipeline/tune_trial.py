@@ -1,6 +1,7 @@
 """What runs inside Ray Tune for the ``tune`` stage: one trial (a full Ray Train run built by
 :func:`pipeline.ray_train.make_trainer`, the train stage's own code path), the search space, the
-searcher and the ASHA scheduler, and the trial results read back as plain rows (:mod:`ctxseg.sweep`).
+searcher and the ASHA scheduler, the trial results read back as plain rows (:mod:`ctxseg.sweep`), and the
+sweep's MLflow parent run.
 
 A trial may run on any node: it reaches MLflow through the head's store actor
 (:class:`pipeline.tracking.RemoteClient`), the dataset through the published handle
@@ -13,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ctxseg.config import Params, SweepConfig, parse_params
-from ctxseg.sweep import finite, trial_params, trial_status
+from ctxseg import sweep as sweeps
+from ctxseg.config import Params, SweepConfig, flatten, params_to_dict, parse_params
+from ctxseg.sweep import trial_params, trial_status
 from pipeline import common, tracking
 from pipeline.ray_train import fatal_error_of, make_trainer
 
@@ -145,4 +147,28 @@ def reconcile_children(client, experiment_id: str, parent_id: str, rows: list[di
             client.set_terminated(run.info.run_id, status="FAILED" if row["status"] == "ERROR" else "FINISHED")
 
 
-__all__ = ["search_space", "searcher", "scheduler", "run_trial", "result_rows", "reconcile_children", "finite"]
+def close_parent_run(client, parent_id: str, params: Params, sweep, rows: list[dict]) -> None:
+    """Finish a sweep's MLflow parent run: the best trial, the noise level, results.csv."""
+    grid = [r for r in sweeps.grid_rows(rows) if sweeps.finite(r["best_mIoU"])]
+    if grid:
+        best = max(grid, key=lambda r: r["best_mIoU"])
+        client.log_metric(parent_id, f"best_{params.tune.metric}", float(best["best_mIoU"]))
+        for key in sweep.space:
+            client.set_tag(parent_id, f"best.{key}", str(best[key]))
+    noise = sweeps.noise_level(rows)
+    if noise is not None:
+        client.log_metric(parent_id, "grid_spread", noise["grid_spread"])
+        client.log_metric(parent_id, "seed_spread", noise["seed_spread"])
+    client.log_text(parent_id, sweeps.results_csv(rows, list(sweep.space)), "results.csv")
+    client.set_terminated(parent_id, status="FINISHED")
+
+
+def log_sweep_params(client, parent_id: str, params: Params, name: str) -> None:
+    """The sweep's settings and search space on its parent run (idempotent, so a resume calls it again)."""
+    t = params_to_dict(params)["tune"]
+    settings = {k: v for k, v in t.items() if k != "sweeps"}
+    tracking.log_params(client, parent_id, flatten({"tune": settings, "sweep": t["sweeps"][name]}))
+
+
+__all__ = ["search_space", "searcher", "scheduler", "run_trial", "result_rows", "reconcile_children",
+           "close_parent_run", "log_sweep_params"]

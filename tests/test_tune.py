@@ -178,7 +178,7 @@ def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp
     assert client.get_run(run_id).data.params == logged
 
     # the sweep's parent run likewise
-    from pipeline.tune import _log_sweep_params
+    from pipeline.tune_trial import log_sweep_params as _log_sweep_params
 
     sweep = next(iter(params.tune.sweeps))
     parent = client.create_run(client.get_experiment_by_name("x").experiment_id).info.run_id
