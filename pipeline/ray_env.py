@@ -19,10 +19,11 @@ log = logging.getLogger("ctxseg.ray")
 LOOPBACK = "127.0.0.1"
 # What the working_dir upload leaves out (gitignore syntax, relative to the repo root): everything
 # that is not code. The upload is ~0.3 MB (README "Scaling out").
+# Top-level names are anchored ("/data", not "data": that would also drop ctxseg/data and ctxseg/models).
 UPLOAD_EXCLUDES = [
-    ".git", ".venv", ".dvc/cache", ".dvc/tmp", "data", "models", "metrics", "plots", "reports", "tune",
-    "registry", "mlartifacts", "mlruns", "mlflow.db*", "bench/results", "tests", "**/__pycache__", "*.egg-info",
-    ".pytest_cache",
+    "/.git", "/.venv", "/.dvc/cache", "/.dvc/tmp", "/data", "/models", "/metrics", "/plots", "/reports", "/tune",
+    "/registry", "/mlartifacts", "/mlruns", "/mlflow.db*", "/bench/results", "/tests", "__pycache__", "*.egg-info",
+    "/.pytest_cache",
 ]
 # Ray Train V2 hands every ray.train.report to its controller through a one-slot queue polled every
 # health-check interval (default 2 s): each epoch's report waited ~1.8 s. 0.2 s measured 0.18 s.
@@ -31,9 +32,16 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_V2_ENABLED": "
 LOCAL_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def runtime_env(root: Path, local: bool) -> dict:
-    """The job's runtime_env: this checkout as ``working_dir`` and Ray Train's settings."""
+def runtime_env(root: Path, local: bool, address: Optional[str] = None) -> dict:
+    """The job's runtime_env: this checkout as ``working_dir`` and Ray Train's settings.
+
+    ``address`` (a cluster's ``host:port``) is handed to every actor of the job as ``RAY_ADDRESS``:
+    Ray Train's PlacementGroupCleaner looks its cluster up by address, and without one it guesses from
+    the processes and files of the machine it runs on (wrong with two Ray instances on one machine, or
+    a head started with another ``--temp-dir``)."""
     env = {**JOB_ENV, **(LOCAL_JOB_ENV if local else {})}
+    if address and address != "auto" and not address.startswith("ray://"):
+        env["RAY_ADDRESS"] = address
     return {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
 
 
@@ -62,7 +70,7 @@ def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     address = params.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env(root, local=False))
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env(root, local=False, address=address))
         return "cluster"
     with _loopback_only():
         # The dashboard stays on: Ray Train V2 polls the state API it serves.

@@ -225,3 +225,19 @@ def test_plain_experiment_names_pass():
     raw = shipped()
     raw["mlflow"]["experiment"] = "camvid study 2"
     assert parse_params(raw).mlflow.experiment == "camvid study 2"
+
+
+def test_code_upload_keeps_every_module_and_leaves_out_data_models_and_stores():
+    """The runtime_env working_dir excludes, applied by Ray's own matcher: nothing of ctxseg/ or pipeline/
+    is left behind (an unanchored "data" once dropped ctxseg/data), and nothing but code is shipped."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    from pipeline.ray_env import UPLOAD_EXCLUDES
+
+    excluded = _get_excludes(ROOT, UPLOAD_EXCLUDES)
+    code = [p for pkg in ("ctxseg", "pipeline") for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts]
+    assert len(code) > 50 and not [p for p in code if excluded(p)]
+    for rel in ("data/prepared/synthetic/meta.json", "models/fcn/model.pt", "mlflow.db", "mlartifacts/1/x",
+                "tune/ray/kxh/sweep.json", "metrics/fcn.json", ".venv/bin/python", "tests/test_config.py",
+                "ctxseg/__pycache__/config.cpython-311.pyc", ".git/HEAD", ".dvc/cache/files/md5/00/x"):
+        assert excluded(ROOT / rel), rel
