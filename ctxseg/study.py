@@ -187,8 +187,10 @@ def still_rising(epochs_values: tuple, tolerance: float = 0.5) -> bool:
 
 def qualitative_inputs(records: list[dict], layout: StudyLayout, split: str, limit: int):
     """Images, ground truths and the fixed-sample predictions of baseline / +MCIBI / +ACF of one framework."""
-    from ctxseg.data.dataset import read_image, read_label
+    from ctxseg.data.dataset import image_file, read_image, read_label
 
+    meta_path = layout.prepared / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     mains = main_records(records)
     fws = frameworks(records)
     fw = next((f for f in fws if (f, "none") in mains), fws[0])
@@ -201,7 +203,7 @@ def qualitative_inputs(records: list[dict], layout: StudyLayout, split: str, lim
     images, gts, preds = [], [], {f"{r['name']} ({CONTEXT_LABEL[r['context']]})": [] for r in columns}
     shown = []
     for i in ids:
-        image_path = layout.prepared / "images" / split / f"{i}.png"
+        image_path = image_file(layout.prepared, meta, split, i)  # the original .jpg / .png
         label_path = layout.prepared / "labels" / split / f"{i}.png"
         if not (image_path.is_file() and label_path.is_file()):
             continue

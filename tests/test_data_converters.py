@@ -89,7 +89,9 @@ def _run(tmp_path: Path, cfg: DataConfig):
         return np.asarray(Image.open(out / "labels" / split / f"{i}.png"))
 
     def image(split: str, i: str) -> np.ndarray:
-        return np.asarray(Image.open(out / "images" / split / f"{i}.png"))
+        from ctxseg.data.dataset import image_file
+
+        return np.asarray(Image.open(image_file(out, meta, split, i)).convert("RGB"))
 
     return meta, label, image
 

@@ -181,7 +181,9 @@ class DataConfig(_Strict):
     eval_short_side: Optional[int] = Field(
         None, ge=8, description="evaluation resizes the short side to this; None keeps the size"
     )
-    preprocess_workers: int = Field(2, ge=1, le=64, description="processes converting files (capped by CPUs)")
+    preprocess_workers: Optional[int] = Field(
+        None, ge=1, le=1024, description="processes preparing pairs; null = one per CPU available to the process "
+        "(its affinity mask), capped by the work (a process per 256 pairs)")
     num_loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
 
     @field_validator("name", mode="before")

@@ -1,7 +1,9 @@
 """A torch Dataset over the canonical prepared layout written by :func:`ctxseg.data.prepare_dataset`.
 
-``root/images/<split>/<id>.png`` (RGB), ``root/labels/<split>/<id>.png`` (uint8 train ids, 255 =
-ignore), ``root/<split>.txt`` (ids) and ``root/meta.json``. See :mod:`ctxseg.data.transforms` for how
+``root/images/<split>/<id><suffix>`` (the original image file: ``.jpg`` or ``.png``, named by
+``meta["image_suffix"]`` and ``meta["image_suffix_by_id"]``, see :func:`image_file`),
+``root/labels/<split>/<id>.png`` (uint8 train ids, 255 = ignore), ``root/<split>.txt`` (ids) and
+``root/meta.json``. Each image is read once, in its original format. See :mod:`ctxseg.data.transforms` for how
 augmentation is seeded (per sample, from ``(seed, epoch, index)``).
 """
 from __future__ import annotations
@@ -17,6 +19,15 @@ from torch.utils.data import Dataset
 
 from ctxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
 from ctxseg.data.transforms import Compose, Normalize, ToTensor
+
+
+def image_file(root: Path | str, meta: dict, split: str, sample_id: str) -> Path:
+    """The image file of ``sample_id`` in a prepared layout: its suffix is the split's usual one
+    (``meta["image_suffix"][split]``) unless ``meta["image_suffix_by_id"]`` names another; layouts
+    prepared before images kept their format hold ``.png`` files."""
+    odd = meta.get("image_suffix_by_id", {}).get(split, {})
+    suffix = odd.get(sample_id) or meta.get("image_suffix", {}).get(split, ".png")
+    return Path(root) / "images" / split / f"{sample_id}{suffix}"
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -83,7 +94,7 @@ class SegmentationDataset(Dataset):
         return len(self.ids)
 
     def image_path(self, index: int) -> Path:
-        return self.root / "images" / self.split / f"{self.ids[index]}.png"
+        return image_file(self.root, self.meta, self.split, self.ids[index])
 
     def label_path(self, index: int) -> Path:
         return self.root / "labels" / self.split / f"{self.ids[index]}.png"

@@ -20,6 +20,7 @@ def example_grid(root: Path | str, split: str = "val", n: int = 8, ids: Optional
 
     from PIL import Image
 
+    from ctxseg.data.dataset import image_file
     from ctxseg.data.transforms import ResizeShortSide
 
     root = Path(root)
@@ -29,7 +30,7 @@ def example_grid(root: Path | str, split: str = "val", n: int = 8, ids: Optional
         ids = (root / f"{split}.txt").read_text().split()[:n]
     cells = []
     for i in ids:
-        img = np.asarray(Image.open(root / "images" / split / f"{i}.png").convert("RGB"))
+        img = np.asarray(Image.open(image_file(root, meta, split, i)).convert("RGB"))
         lbl = np.asarray(Image.open(root / "labels" / split / f"{i}.png"))
         if size is not None:
             img, lbl = ResizeShortSide(size)(img, lbl, None)

@@ -1,0 +1,191 @@
+"""Data at real scale (#16): images keep their original bytes (hard links), labels are written only
+where a mapping changes them, the source folder's fingerprint changes with its files, and the
+preprocess workers follow the CPUs available."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ctxseg.data.prepare as prep
+from ctxseg.data import DataConfig, SegmentationDataset, download_dataset, prepare_dataset
+from ctxseg.data.fingerprint import source_fingerprint
+
+
+def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth photo-like image (so JPEG compresses it like a photo)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (7 + 3 * c) + rng.uniform(0, 6)) * np.cos(yy / (11 + c)) for c in range(3)], -1)
+    img = 127 + 90 * base + rng.normal(0, 8, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_ade_folder(root: Path, n_train: int = 4, n_val: int = 2, seed: int = 0) -> Path:
+    """An ADEChallengeData2016-shaped folder: JPEG images, label PNGs with raw ids 0..150."""
+    rng = np.random.default_rng(seed)
+    d = root / "ADEChallengeData2016"
+    for split, sub, n in (("train", "training", n_train), ("val", "validation", n_val)):
+        (d / "images" / sub).mkdir(parents=True, exist_ok=True)
+        (d / "annotations" / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"ADE_{sub}_{i:08d}"
+            add_ade_pair(d, sub, stem, rng)
+    return root
+
+
+def add_ade_pair(d: Path, sub: str, stem: str, rng: np.random.Generator, h: int = 48, w: int = 64) -> None:
+    Image.fromarray(_photo(rng, h, w)).save(d / "images" / sub / f"{stem}.jpg", quality=90)
+    lbl = rng.integers(0, 151, (h, w)).astype(np.uint8)
+    Image.fromarray(lbl, mode="L").save(d / "annotations" / sub / f"{stem}.png")
+
+
+@pytest.fixture
+def ade(tmp_path):
+    src = make_ade_folder(tmp_path / "src")
+    cfg = DataConfig(name="ade20k", source=str(src))
+    raw = download_dataset(cfg, tmp_path / "data" / "raw" / "ade20k")
+    return cfg, src, raw
+
+
+def test_jpeg_images_are_hard_linked_and_labels_remapped(ade, tmp_path):
+    cfg, src, raw = ade
+    out = tmp_path / "data" / "prepared" / "ade20k"
+    meta = prepare_dataset(cfg, raw, out)
+    assert meta["image_suffix"] == {"train": ".jpg", "val": ".jpg"} and "image_suffix_by_id" not in meta
+    d = src / "ADEChallengeData2016"
+    for split, sub in (("train", "training"), ("val", "validation")):
+        ids = (out / f"{split}.txt").read_text().split()
+        assert len(ids) == meta["splits"][split]
+        for i in ids:
+            source_img = d / "images" / sub / f"{i}.jpg"
+            prepared_img = out / "images" / split / f"{i}.jpg"
+            # the original file itself, not a re-encoded copy
+            assert os.stat(prepared_img).st_ino == os.stat(source_img).st_ino
+            assert prepared_img.read_bytes() == source_img.read_bytes()
+            # labels: reduce-zero-label, checked against a direct reference
+            raw_ids = np.asarray(Image.open(d / "annotations" / sub / f"{i}.png")).astype(np.int64)
+            want = np.where(raw_ids == 0, 255, raw_ids - 1)
+            assert np.array_equal(np.asarray(Image.open(out / "labels" / split / f"{i}.png")), want)
+            assert not (out / "images" / split / f"{i}.png").exists()
+    # the loader reads the original JPEG
+    ds = SegmentationDataset(out, "train")
+    img, lbl = ds.load(0)
+    source_img = d / "images" / "training" / f"{ds.ids[0]}.jpg"
+    assert ds.image_path(0).suffix == ".jpg" and os.path.samefile(ds.image_path(0), source_img)
+    assert np.array_equal(img, np.asarray(Image.open(source_img).convert("RGB")))
+    # the source files are untouched: same bytes, still writable
+    assert os.access(source_img, os.W_OK)
+
+
+def test_copy_of_the_original_bytes_where_links_fail(ade, tmp_path, monkeypatch):
+    cfg, src, raw = ade
+
+    def no_link(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(prep.os, "link", no_link)
+    out = tmp_path / "prepared"
+    prepare_dataset(cfg, raw, out)
+    i = (out / "train.txt").read_text().split()[0]
+    prepared_img = out / "images" / "train" / f"{i}.jpg"
+    source_img = src / "ADEChallengeData2016" / "images" / "training" / f"{i}.jpg"
+    assert os.stat(prepared_img).st_ino != os.stat(source_img).st_ino
+    assert prepared_img.read_bytes() == source_img.read_bytes()  # a copy of the bytes, never a re-encode
+
+
+def test_identity_labels_and_png_images_are_linked(tmp_path):
+    """The synthetic set's labels already are train ids: nothing is written but labels and manifests."""
+    from ctxseg.data import SyntheticConfig
+
+    cfg = DataConfig(synthetic=SyntheticConfig(num_train=4, num_val=2))
+    raw = download_dataset(cfg, tmp_path / "raw")
+    out = tmp_path / "prepared"
+    meta = prepare_dataset(cfg, raw, out)
+    assert meta["image_suffix"]["train"] == ".png"
+    for split in ("train", "val"):
+        for i in (out / f"{split}.txt").read_text().split():
+            for kind in ("images", "labels"):
+                assert os.path.samefile(out / kind / split / f"{i}.png", raw / kind / split / f"{i}.png")
+
+
+def test_mixed_formats_and_reencoded_fallback(tmp_path):
+    """A split with PNG and JPEG images records the odd suffixes; a format other than JPEG/PNG is
+    re-encoded as PNG (the one case where bytes change)."""
+    from ctxseg.data.decoders import LutDecoder
+    from ctxseg.data.info import get_dataset_info
+    from ctxseg.data.types import Sample
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    samples = []
+    for i, fmt in enumerate(["JPEG", "JPEG", "PNG", "BMP"]):
+        ext = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".png"}[fmt]  # a BMP misnamed .png
+        img = _photo(rng, 40, 40)
+        Image.fromarray(img).save(src / f"im{i}{ext}", format=fmt)
+        Image.fromarray(rng.integers(0, 5, (40, 40)).astype(np.uint8)).save(src / f"lb{i}.png")
+        samples.append(Sample("train", f"s{i}", src / f"im{i}{ext}", src / f"lb{i}.png"))
+    info = get_dataset_info("synthetic")
+    meta = prep.convert_samples(samples, LutDecoder(), info, tmp_path / "out", workers=1)
+    assert meta["image_suffix"] == {"train": ".jpg"}
+    assert meta["image_suffix_by_id"] == {"train": {"s2": ".png", "s3": ".png"}}
+    ds = SegmentationDataset(tmp_path / "out", "train")
+    for k in range(4):
+        img, _ = ds.load(k)
+        assert np.array_equal(img, np.asarray(Image.open(samples[k].image).convert("RGB")))
+    assert os.path.samefile(ds.image_path(2), src / "im2.png")
+    assert not os.path.samefile(ds.image_path(3), src / "im3.png")  # BMP: re-encoded
+    assert Image.open(ds.image_path(3)).format == "PNG"
+
+
+def test_source_fingerprint_changes_with_the_folder(ade, tmp_path):
+    cfg, src, raw = ade
+    before = source_fingerprint(str(src))
+    assert before["kind"] == "folder" and before["files"] == 12
+    assert source_fingerprint(str(src)) == before  # stable
+    link = json.loads((raw / "source.json").read_text())
+    assert link["fingerprint"] == before
+    d = src / "ADEChallengeData2016"
+    add_ade_pair(d, "training", "ADE_training_00000099", np.random.default_rng(5))
+    after = source_fingerprint(str(src))
+    assert after["digest"] != before["digest"] and after["files"] == 14
+    # the download stage's output (a dependency of preprocess) changes with it
+    download_dataset(cfg, raw)
+    assert json.loads((raw / "source.json").read_text())["fingerprint"] == after
+    # a rewritten file with the same name and size changes it too (mtime)
+    img = d / "images" / "training" / "ADE_training_00000000.jpg"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert source_fingerprint(str(src))["digest"] != after["digest"]
+    assert source_fingerprint(None)["kind"] == "none"
+
+
+def test_source_stage_writes_only_on_change(ade, tmp_path, monkeypatch):
+    from pipeline import source as stage
+
+    cfg, src, raw = ade
+    (tmp_path / "params.yaml").write_text(f"data:\n  name: ade20k\n  source: {src}\n")
+    monkeypatch.setenv("CTXSEG_ROOT", str(tmp_path))
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    out = tmp_path / "data" / "source" / "ade20k.json"
+    first = out.read_text()
+    mtime = out.stat().st_mtime_ns
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    assert out.stat().st_mtime_ns == mtime  # unchanged folder: untouched
+    add_ade_pair(src / "ADEChallengeData2016", "validation", "ADE_validation_00000042", np.random.default_rng(2))
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    assert out.read_text() != first
+
+
+def test_workers_default_to_the_available_cpus(monkeypatch):
+    assert DataConfig().preprocess_workers is None
+    monkeypatch.setattr(prep.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert prep.available_cpus() == 16
+    assert prep._effective_workers(None, 100_000) == 16
+    assert prep._effective_workers(4, 100_000) == 4
+    assert prep._effective_workers(None, 600) == 2  # a process per 256 pairs at least
+    assert prep._effective_workers(64, 100_000) == 16  # capped by the CPUs
