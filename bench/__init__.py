@@ -4,7 +4,7 @@ runs tiny sizes (the smoke test), ``--only NAME[,NAME]`` one group. Results go t
 (atomically, with ``ctxseg.io.write_text``) and the table to ``bench/RESULTS.md``.
 
 Groups (one module each): ``attention``, ``memory_update``, ``train_step``, ``pipeline``,
-``evaluation``, ``gpu``. Each exposes ``run(opts) -> dict`` with ``rows`` (the table) and ``targets``
+``evaluation``, ``gpu``, ``data``. Each exposes ``run(opts) -> dict`` with ``rows`` (the table) and ``targets``
 (the issue's targets with the measured value and met / missed).
 
 Timed runs and memory runs happen in separate fresh subprocesses. Timed runs use the normal allocator

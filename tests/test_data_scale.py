@@ -189,3 +189,80 @@ def test_workers_default_to_the_available_cpus(monkeypatch):
     assert prep._effective_workers(4, 100_000) == 4
     assert prep._effective_workers(None, 600) == 2  # a process per 256 pairs at least
     assert prep._effective_workers(64, 100_000) == 16  # capped by the CPUs
+
+
+# ------------------------------------------------------------------------- data.name: folder
+
+
+def make_user_folder(root: Path, classes_yaml: str, raw_values=(0, 1, 2), n=(3, 2), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), n):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(_photo(rng, 40, 56)).save(root / "images" / split / f"{split}_{i}.jpg", quality=90)
+            lbl = rng.choice(np.asarray(raw_values, np.uint8), (40, 56))
+            Image.fromarray(lbl, mode="L").save(root / "labels" / split / f"{split}_{i}.png")
+    (root / "classes.yaml").write_text(classes_yaml)
+    return root
+
+
+def _prepare_folder(tmp_path, src):
+    cfg = DataConfig(name="folder", source=str(src))
+    raw = download_dataset(cfg, tmp_path / "data" / "raw" / "folder")
+    return prepare_dataset(cfg, raw, tmp_path / "data" / "prepared" / "folder"), tmp_path / "data" / "prepared" / "folder"
+
+
+def test_folder_dataset_with_an_id_map(tmp_path):
+    src = make_user_folder(tmp_path / "mine", "names: [road, car]\npalette: [[128, 64, 128], [0, 0, 142]]\n"
+                                              "ignore_index: 0\nid_to_train_id: {7: 0, 26: 1}\n", raw_values=(0, 7, 26))
+    meta, out = _prepare_folder(tmp_path, src)
+    assert meta["dataset"] == "folder" and meta["class_names"] == ["road", "car"] and meta["num_classes"] == 2
+    assert meta["palette"] == [[128, 64, 128], [0, 0, 142]] and meta["splits"] == {"train": 3, "val": 2}
+    ref = np.full(256, 99, np.int64)
+    ref[[0, 7, 26]] = [255, 0, 1]
+    for split in ("train", "val"):
+        for i in (out / f"{split}.txt").read_text().split():
+            raw_lbl = np.asarray(Image.open(src / "labels" / split / f"{i}.png"))
+            assert np.array_equal(np.asarray(Image.open(out / "labels" / split / f"{i}.png")), ref[raw_lbl])
+            assert os.path.samefile(out / "images" / split / f"{i}.jpg", src / "images" / split / f"{i}.jpg")
+    image, label = SegmentationDataset(out, "val").load(0)
+    assert image.shape == (40, 56, 3) and set(np.unique(label)) <= {0, 1, 255}
+
+
+def test_folder_dataset_identity_labels_are_linked(tmp_path):
+    src = make_user_folder(tmp_path / "mine", "names: [a, b, c]\n", raw_values=(0, 1, 2, 255))
+    meta, out = _prepare_folder(tmp_path, src)
+    assert meta["palette"][1] == [128, 0, 0]  # the VOC colour map by default
+    i = (out / "train.txt").read_text().split()[0]
+    assert os.path.samefile(out / "labels" / "train" / f"{i}.png", src / "labels" / "train" / f"{i}.png")
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("names: []\n", "names"),
+    ("names: [a, b]\ncolours: [[0, 0, 0]]\n", "colours"),
+    ("names: [a, b]\npalette: [[0, 0, 0]]\n", "palette"),
+    ("names: [a, b]\nignore_index: 1\n", "ignore_index"),
+    ("names: [a, b]\nid_to_train_id: {3: 5}\n", "id_to_train_id[3]"),
+])
+def test_folder_classes_yaml_errors_name_file_and_key(tmp_path, yaml_text, key):
+    from ctxseg.errors import UserError
+
+    src = make_user_folder(tmp_path / "mine", yaml_text, raw_values=(0, 1))
+    with pytest.raises(UserError) as ei:
+        _prepare_folder(tmp_path, src)
+    assert str(src / "classes.yaml") in str(ei.value) and f"`{key}`" in str(ei.value)
+
+
+def test_folder_bad_values_and_missing_split_are_reported(tmp_path):
+    from ctxseg.data import DataValidationError
+
+    src = make_user_folder(tmp_path / "mine", "names: [a, b]\n", raw_values=(0, 1, 5))
+    with pytest.raises(DataValidationError) as ei:
+        _prepare_folder(tmp_path, src)
+    assert "labels/train/train_0.png" in str(ei.value) and "[5]" in str(ei.value)
+    import shutil
+
+    shutil.rmtree(src / "images" / "val")
+    with pytest.raises(DataValidationError, match="images/val"):
+        _prepare_folder(tmp_path / "again", src)

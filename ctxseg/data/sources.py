@@ -21,6 +21,8 @@ cihp              instance-level_human_parsing/{Training,    identity (0..19)
                   Validation}/{Images,Category_ids}
 camvid            SegNet (train|val|test + *annot) or        SegNet: 11 (void) -> 255;
                   fastai camvid.tgz (images, labels, codes)  fastai: 32 codes -> 11, Void -> 255
+folder            classes.yaml + images/<split>/ +           classes.yaml: identity or
+                  labels/<split>/ (your own data)            id_to_train_id, ignore_index -> 255
 ================  =========================================  ======================================
 """
 from __future__ import annotations
