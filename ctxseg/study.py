@@ -19,6 +19,7 @@ import numpy as np
 
 from ctxseg.config import Params, flatten
 from ctxseg.errors import UserError
+from ctxseg.models.heads import head_names
 from ctxseg.report import (
     CONTEXT_LABEL,
     CONTEXTS,
@@ -102,9 +103,10 @@ def collect_results(params: Params, layout: StudyLayout) -> list[dict]:
         run_file = layout.run_file(name)
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
         flat = flatten(cfg.model_dump(mode="json"))
+        # options of a context head other than the model's own do not make it a variant
+        other_heads = {h for h in head_names() if h != cfg.context}
         variant = {k: v for k, v in flat.items() if k not in ("framework", "context") and v != defaults.get(k)
-                   and (cfg.context == "mcibi" or not k.startswith("mcibi."))
-                   and (cfg.context == "acf" or not k.startswith("acf."))}
+                   and k.split(".", 1)[0] not in other_heads}
         records.append({"name": name, "framework": cfg.framework, "context": cfg.context, "config": cfg,
                         "flat": flat, "variant": variant, "metrics": metrics, "run": run,
                         "run_id": metrics.get("run_id") or run.get("run_id")})

@@ -72,11 +72,74 @@ def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env(root, local=False, address=address))
         return "cluster"
+    record = _local_ray_record(root)
+    reap_orphaned_local_ray(record)
     with _loopback_only():
         # The dashboard stays on: Ray Train V2 polls the state API it serves.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
                  _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, runtime_env=runtime_env(root, local=True))
+    _record_local_ray(record)
     return "local"
+
+
+def _local_ray_record(root: Path) -> Path:
+    """Where a stage of this checkout records the local Ray processes it started."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"ctxseg-local-ray-{key}.json"
+
+
+def _record_local_ray(record: Path) -> None:
+    import json
+
+    import psutil
+
+    me = psutil.Process()
+    children = []
+    for proc in me.children(recursive=True):
+        try:
+            if "ray" in " ".join(proc.cmdline()).lower():  # gcs_server, raylet, dashboard, agents, workers
+                children.append((proc.pid, proc.create_time()))
+        except psutil.Error:
+            pass
+    record.write_text(json.dumps({"owner": [me.pid, me.create_time()], "processes": children}))
+
+
+def reap_orphaned_local_ray(record: Path) -> int:
+    """Stop the local Ray processes a previous stage of this checkout started, if that stage is gone
+    (killed hard: its Ray outlives it). Processes are matched by PID *and* start time, so a PID reused
+    by an unrelated process is never touched. Returns how many were stopped."""
+    import json
+
+    import psutil
+
+    def alive(pid: int, started: float) -> Optional[psutil.Process]:
+        try:
+            proc = psutil.Process(pid)
+            return proc if abs(proc.create_time() - started) < 1e-3 else None
+        except psutil.Error:
+            return None
+
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return 0
+    if alive(*data["owner"]):
+        return 0  # its stage still runs (another `dvc repro` of this checkout): leave it
+    orphans = [p for p in (alive(pid, started) for pid, started in data["processes"]) if p is not None]
+    for proc in orphans:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(orphans, timeout=10)
+    if orphans:
+        log.warning("stopped %d Ray process(es) left behind by a stage that was killed (pid %d)",
+                    len(orphans), data["owner"][0])
+    record.unlink(missing_ok=True)
+    return len(orphans)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from ctxseg.engine import Callback, NonFiniteLossError, build_optimizer, fit, re
 from pipeline import common, dataset_access, ray_env
 from pipeline.run_storage import last_checkpoint_name, newest_checkpoint
 from pipeline.tracking import RemoteClient
-from pipeline.train_callbacks import MlflowLog, ProgressLog, RayReport
+from pipeline.train_callbacks import MlflowLog, ProgressLog, RayReport, StorageFullStop
 
 log = logging.getLogger("ctxseg.train")
 
@@ -99,6 +99,12 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.error("[%s] %s", name, err)
             ray.get(store.record_fatal.remote(config["run_id"], "nonfinite", str(err)))
+    except StorageFullStop as err:  # likewise: every rank saw rank 0's flag
+        if rank == 0:
+            ray.get(store.record_fatal.remote(config["run_id"], "storage", (
+                f"{err}. The checkpoint storage {config['storage']} is full: free space there (or set "
+                "ray.storage_path to a larger volume), then run `dvc repro` to continue from the last "
+                "complete checkpoint")))
 
 
 def fatal_error_of(store, run_id: str, model_name: str) -> Optional[Exception]:
@@ -109,7 +115,8 @@ def fatal_error_of(store, run_id: str, model_name: str) -> Optional[Exception]:
     if found is None:
         return None
     kind, message = found
-    error = NonFiniteLossError if kind == "nonfinite" else dataset_access.DatasetUnavailableError
+    error = {"nonfinite": NonFiniteLossError, "storage": common.StageFailed}.get(
+        kind, dataset_access.DatasetUnavailableError)
     return error(f"[{model_name}] {message}")
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ctxseg.checkpoint import load_training_checkpoint
+from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint
 
 log = logging.getLogger("ctxseg.train")
 
@@ -39,7 +39,12 @@ def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
             with checkpoint.as_directory() as local:
                 return load_training_checkpoint(Path(local))
         except Exception as err:  # partly written (disk full, killed mid-copy): try the one before
-            log.warning("skipping incomplete checkpoint %s (%s)", checkpoint.path, err.__class__.__name__)
+            log.warning("removing incomplete checkpoint %s (%s)", checkpoint.path, err.__class__.__name__)
+            if checkpoint in candidates:  # ours, never to be completed; Ray's own record is left to Ray
+                try:
+                    fs.delete_dir(checkpoint.path)
+                except (FileNotFoundError, OSError):
+                    pass
     return None
 
 
@@ -59,3 +64,28 @@ def clear_storage(storage: str, ray_name: str) -> None:
         fs.delete_dir(f"{base}/{ray_name}")
     except (FileNotFoundError, OSError):
         pass
+
+
+def remove_incomplete_checkpoints(storage: str, ray_name: str) -> list[str]:
+    """Delete the run's checkpoint folders whose state cannot be read (cut short by a full disk or a
+    kill); return their names. A complete checkpoint is never touched."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(storage)
+    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
+    removed = []
+    for info in found:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_epoch_"):
+            continue
+        try:
+            with fs.open_input_file(f"{info.path}/{CHECKPOINT_FILE}") as fh:
+                import io
+
+                import torch
+
+                torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+        except Exception:
+            fs.delete_dir(info.path)
+            removed.append(info.base_name)
+    return removed
+

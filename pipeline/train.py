@@ -22,7 +22,7 @@ from ctxseg.io import write_json
 from ctxseg.models import build_segmentor
 from pipeline import common, dataset_access, ray_env, tracking
 from pipeline.ray_train import fatal_error_of, fit_or_explain, make_trainer
-from pipeline.run_storage import clear_storage
+from pipeline.run_storage import clear_storage, remove_incomplete_checkpoints
 
 log = logging.getLogger("ctxseg.train")
 
@@ -107,6 +107,8 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
                             params.train.max_failures)
     fatal = fatal_error_of(store, run_id, model_name)
     if fatal is not None or result.checkpoint is None:
+        for partial in remove_incomplete_checkpoints(storage, ray_name):
+            log.info("[%s] removed the incomplete checkpoint %s", model_name, partial)
         client.set_terminated(run_id, status="FAILED")
         raise fatal or RuntimeError(f"[{model_name}] training finished without a checkpoint")
 

@@ -41,6 +41,23 @@ class ProgressLog(Callback):
                  ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
+class StorageFullStop(Exception):
+    """Rank 0 could not persist a checkpoint because the storage is full; every rank stops."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised directly or wrapped by Ray / pyarrow (which keep the message)."""
+    import errno
+
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class RayReport(Callback):
     """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier).
 
@@ -58,11 +75,32 @@ class RayReport(Callback):
             payload.update(self.extra(run, metrics))
         if run.rank != 0:
             ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+            self._stop_if_full(run, None)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_training_checkpoint(Path(tmp), payload)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+        full = None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_training_checkpoint(Path(tmp), payload)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+        except Exception as err:  # a full disk fails every retry the same way: stop, do not retry
+            if not is_disk_full(err):
+                raise
+            full = err
+            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))  # release the barrier
+        self._stop_if_full(run, full)
+
+    def _stop_if_full(self, run: FitRun, full: Optional[BaseException]) -> None:
+        """Every rank learns whether rank 0 could not persist the checkpoint (one tiny all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if full is not None else 0.0])
+        if run.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise StorageFullStop(f"the checkpoint of epoch {run.state.epoch} could not be written: "
+                                  f"{str(full).splitlines()[0][:200] if full is not None else 'no space left'}")
 
 
 class MlflowLog(Callback):
