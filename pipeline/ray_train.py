@@ -89,7 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         mlflow_log = MlflowLog(RemoteClient(store), config["run_id"], config["system_metrics"],
                                replay=(payload or {}).get(MlflowLog.PAYLOAD_KEY))
-        callbacks = [ProgressLog(name), RayReport(extra=mlflow_log.checkpoint_records), mlflow_log]
+        callbacks = [ProgressLog(name), RayReport(extra=mlflow_log.checkpoint_records, storage=config["storage"]),
+                     mlflow_log]
     callbacks += list(config.get("callbacks") or [])
     try:
         fit(model, loaders.train, loaders.val, optimizer, params.train, num_classes=loaders.num_classes,

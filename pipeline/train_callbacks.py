@@ -63,8 +63,27 @@ class RayReport(Callback):
 
     ``extra(run, metrics)``: more entries for rank 0's checkpoint payload (plain data)."""
 
-    def __init__(self, extra: Optional[Callable[[FitRun, dict], dict]] = None):
-        self.extra = extra
+    SPACE_MARGIN = 1 << 20  # bytes left free beyond the checkpoint
+
+    def __init__(self, extra: Optional[Callable[[FitRun, dict], dict]] = None, storage: Optional[str] = None):
+        self.extra, self.storage = extra, storage
+
+    def _check_space(self, size: int) -> None:
+        """Refuse to hand Ray a checkpoint a local or mounted storage cannot hold: Ray 2.60 persists it
+        in the background, and a copy that fails there for lack of space leaves the run waiting forever.
+        (A bucket URI is not checked.)"""
+        import errno
+        import shutil
+
+        if not self.storage or "://" in self.storage:
+            return
+        folder = Path(self.storage)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free < size + self.SPACE_MARGIN:
+            raise OSError(errno.ENOSPC, f"No space left on device: the checkpoint needs {size / 2**20:.1f} MiB, "
+                                        f"{free / 2**20:.1f} MiB free at {self.storage}")
 
     def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
         import ray.train
@@ -81,6 +100,7 @@ class RayReport(Callback):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 save_training_checkpoint(Path(tmp), payload)
+                self._check_space(sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
         except Exception as err:  # a full disk fails every retry the same way: stop, do not retry
