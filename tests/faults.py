@@ -34,3 +34,15 @@ class CrashOnceAt(Callback):
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at iteration {iteration}")
+
+
+class CrashAlwaysAt(Callback):
+    """Rank ``rank`` raises at ``iteration`` in every attempt: retries cannot help."""
+
+    def __init__(self, iteration: int, rank: int = 0):
+        self.iteration, self.rank = iteration, rank
+
+    def on_iteration_start(self, run, iteration: int) -> None:
+        if run.rank == self.rank and iteration == self.iteration:
+            raise RuntimeError(f"injected fault at iteration {iteration}, every attempt")
+

@@ -266,3 +266,40 @@ def test_folder_bad_values_and_missing_split_are_reported(tmp_path):
     shutil.rmtree(src / "images" / "val")
     with pytest.raises(DataValidationError, match="images/val"):
         _prepare_folder(tmp_path / "again", src)
+
+
+@pytest.mark.slow
+def test_a_folder_of_own_images_trains_end_to_end_and_a_change_reruns_preprocess(tmp_path):
+    """`data.name: folder` through the real `dvc repro`: train, evaluate and report on the user's own
+    JPEGs; adding a pair to the folder re-runs download and preprocess (and only then)."""
+    import subprocess
+
+    from conftest import TINY, make_project, pipeline_env
+
+    src = make_user_folder(tmp_path / "mine", "names: [ground, thing, sky]\nignore_index: 255\n",
+                           raw_values=(0, 1, 2, 255), n=(8, 4))
+    overrides = {**{k: v for k, v in TINY.items() if k != "data"},
+                 "data": {"name": "folder", "source": str(src), "augment": {"crop_size": [40, 40]}},
+                 "train": {**TINY["train"], "epochs": 1}}
+    project = make_project(tmp_path / "study", overrides)
+
+    def repro() -> str:
+        done = subprocess.run(["dvc", "repro"], cwd=project, env=pipeline_env(), capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+        return done.stdout
+
+    repro()
+    metrics = json.loads((project / "metrics" / "fcn.json").read_text())
+    assert len(metrics["per_class_iou"]) == 3 and 0.0 <= metrics["mIoU"] <= 1.0
+    prepared = project / "data" / "prepared" / "folder"
+    assert os.path.samefile(prepared / "images" / "train" / "train_0.jpg", src / "images" / "train" / "train_0.jpg")
+    assert "| fcn |" in (project / "reports" / "report.md").read_text()
+    again = repro()
+    assert "Running stage 'preprocess'" not in again
+    make_user_folder(tmp_path / "extra", "names: [ground, thing, sky]\n", raw_values=(0, 1, 2), n=(1, 0), seed=9)
+    for kind, suffix in (("images", "jpg"), ("labels", "png")):
+        os.replace(tmp_path / "extra" / kind / "train" / f"train_0.{suffix}", src / kind / "train" / f"added.{suffix}")
+    changed = repro()
+    assert "Running stage 'preprocess'" in changed
+    assert "added" in (prepared / "train.txt").read_text().split()

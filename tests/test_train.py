@@ -14,7 +14,7 @@ from conftest import TINY
 from ctxseg.config import deep_merge, parse_params
 from ctxseg.engine import NonFiniteLossError
 from pipeline import common
-from faults import CrashOnceAt, ship_by_value
+from faults import CrashAlwaysAt, CrashOnceAt, ship_by_value
 from pipeline.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -82,6 +82,21 @@ def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_roo
     assert {"loss_w", "loss_m", "memory_momentum"} <= set(runs[0].data.metrics)
     payload = torch.load(model_dir / "model.pt", weights_only=True)
     assert any(k.endswith("memory") for k in payload["model"])
+
+
+def test_retries_used_up_say_so_in_one_line_naming_the_last_checkpoint(prepared_root, local_ray):
+    params = study({"models": {"doomed": {"context": "none"}}, "train": {"epochs": 3, "max_failures": 1}})
+    ship_by_value()
+    with pytest.raises(common.StageFailed) as info:  # iteration 3 is in epoch 2: one checkpoint exists
+        train_model(params, "doomed", common.Paths(params, prepared_root), worker_callbacks=[CrashAlwaysAt(3)])
+    msg = str(info.value)
+    assert "[doomed] training failed after train.max_failures=1 worker restarts" in msg
+    assert "injected fault at iteration 3" in msg
+    assert "Last checkpoint: " in msg and msg.split("Last checkpoint: ")[1].split(";")[0].endswith(
+        "checkpoint_epoch_0001")
+    assert "run `dvc repro` to continue from it" in msg and "\n" not in msg
+    _, runs = runs_of(prepared_root, "doomed")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(prepared_root, local_ray):
