@@ -17,14 +17,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ctxseg.config import ConfigError
-from ctxseg.sweep import grid_rows, noise_level, noise_verdict
+from ctxseg.sweep import finite, grid_rows, noise_level, noise_verdict
 
 CONTEXTS = ("none", "mcibi", "acf")
 CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
@@ -136,10 +135,6 @@ def _inline_html(text: str) -> str:
         else:
             out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece))
     return "".join(out)
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pct(value: Optional[float]) -> str:

@@ -17,7 +17,8 @@ from typing import Optional
 
 from ctxseg.config import Params
 from ctxseg.io import write_json
-from ctxseg.report import finite, miou_of
+from ctxseg.report import miou_of
+from ctxseg.sweep import finite
 from ctxseg.study import REGISTRY_RECORD, StudyLayout, collect_results
 from pipeline import common
 from pipeline.model_store import MODEL_ARTIFACT, MODEL_ARTIFACT_DIR, download_model_file, reachable_client

@@ -22,70 +22,75 @@ def filesystem(storage: str):
     return pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
 
 
-def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
-    """The checkpoint furthest along that exists *now*: the newest complete ``checkpoint_epoch_*``
-    folder of the run's storage (newer than Ray's record when a driver stopped between writing a
-    checkpoint and Ray recording it; Ray may also have deleted older ones), else Ray's record."""
+def _checkpoint_dirs(storage: str, ray_name: str) -> tuple:
+    """(filesystem, paths of the run's ``checkpoint_epoch_*`` folders, oldest first)."""
     import pyarrow.fs as pafs
-    from ray.train import Checkpoint
 
     fs, base = filesystem(storage)
     found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
-    names = sorted((i.base_name for i in found if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_epoch_")), reverse=True)
-    candidates = [Checkpoint(f"{base}/{ray_name}/{n}", filesystem=fs) for n in names]
-    for checkpoint in candidates + ([recorded] if recorded is not None else []):
+    return fs, sorted(i.path for i in found if i.type == pafs.FileType.Directory
+                      and i.base_name.startswith("checkpoint_epoch_"))
+
+
+def _read(fs, folder: str) -> dict:
+    """The training state of one checkpoint folder; raises if it is incomplete (cut short by a full
+    disk or a kill: the file is missing or does not load)."""
+    import io
+
+    import torch
+
+    with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as fh:
+        return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+
+
+def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
+    """The checkpoint furthest along that exists *now*: the newest complete ``checkpoint_epoch_*``
+    folder of the run's storage (newer than Ray's record when a driver stopped between writing a
+    checkpoint and Ray recording it; Ray may also have deleted older ones), else Ray's record.
+    Incomplete folders met on the way are removed: they will never be completed."""
+    fs, folders = _checkpoint_dirs(storage, ray_name)
+    for folder in reversed(folders):
         try:
-            with checkpoint.as_directory() as local:
+            return _read(fs, folder)
+        except Exception as err:
+            log.warning("removing incomplete checkpoint %s (%s)", folder, err.__class__.__name__)
+            _delete(fs, folder)
+    if recorded is not None:
+        try:
+            with recorded.as_directory() as local:
                 return load_training_checkpoint(Path(local))
-        except Exception as err:  # partly written (disk full, killed mid-copy): try the one before
-            log.warning("removing incomplete checkpoint %s (%s)", checkpoint.path, err.__class__.__name__)
-            if checkpoint in candidates:  # ours, never to be completed; Ray's own record is left to Ray
-                try:
-                    fs.delete_dir(checkpoint.path)
-                except (FileNotFoundError, OSError):
-                    pass
+        except Exception as err:  # Ray's own record is left to Ray
+            log.warning("skipping incomplete checkpoint %s (%s)", recorded.path, err.__class__.__name__)
     return None
 
 
 def last_checkpoint_name(storage: str, ray_name: str) -> Optional[str]:
-    import pyarrow.fs as pafs
+    _, folders = _checkpoint_dirs(storage, ray_name)
+    return folders[-1].rsplit("/", 1)[-1] if folders else None
 
-    fs, base = filesystem(storage)
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
-    names = sorted(i.base_name for i in found if i.base_name.startswith("checkpoint_epoch_"))
-    return names[-1] if names else None
+
+def _delete(fs, folder: str) -> None:
+    try:
+        fs.delete_dir(folder)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def clear_storage(storage: str, ray_name: str) -> None:
     """Remove a run's checkpoints (its config changed, or it had finished)."""
     fs, base = filesystem(storage)
-    try:
-        fs.delete_dir(f"{base}/{ray_name}")
-    except (FileNotFoundError, OSError):
-        pass
+    _delete(fs, f"{base}/{ray_name}")
 
 
 def remove_incomplete_checkpoints(storage: str, ray_name: str) -> list[str]:
     """Delete the run's checkpoint folders whose state cannot be read (cut short by a full disk or a
     kill); return their names. A complete checkpoint is never touched."""
-    import pyarrow.fs as pafs
-
-    fs, base = filesystem(storage)
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{ray_name}", allow_not_found=True))
+    fs, folders = _checkpoint_dirs(storage, ray_name)
     removed = []
-    for info in found:
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_epoch_"):
-            continue
+    for folder in folders:
         try:
-            with fs.open_input_file(f"{info.path}/{CHECKPOINT_FILE}") as fh:
-                import io
-
-                import torch
-
-                torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+            _read(fs, folder)
         except Exception:
-            fs.delete_dir(info.path)
-            removed.append(info.base_name)
+            _delete(fs, folder)
+            removed.append(folder.rsplit("/", 1)[-1])
     return removed
-

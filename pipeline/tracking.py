@@ -3,16 +3,12 @@
 Only the process on the head (the stage's driver, or an actor pinned to its node) opens the user's
 tracking store: a SQLite file or a folder exists on the head alone, and many writers on SQLite lock
 each other. Every other process holds a :class:`RemoteClient`, which forwards each call to a
-:class:`StoreActor` on the head; artifacts travel as bytes. Per-step logging costs one actor call
+:class:`StoreActor` on the head (artifacts are logged by the driver, on the head). Per-step logging costs one actor call
 per ``train.log_every`` iterations (see ``bench/pipeline.py``).
 """
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
-import tempfile
-from pathlib import Path
 from typing import Any, Optional
 
 from ctxseg.config import Params, flatten, params_to_dict
@@ -110,26 +106,6 @@ def log_metric_points(client, run_id: str, metrics: dict, step: int, logged: dic
 # one store, reached from any node
 
 
-def pack_dir(directory: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path in sorted(Path(directory).rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-    return buf.getvalue()
-
-
-def _unpack_dir(data: bytes, dest: Path) -> None:
-    """Unpack what :func:`pack_dir` wrote (regular files only; members are checked to stay inside)."""
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        for member in tar.getmembers():
-            target = (dest / member.name).resolve()
-            if not member.isfile() or not target.is_relative_to(dest.resolve()):
-                raise ValueError(f"refusing artifact member {member.name!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-
-
 class StoreActor:
     """An MlflowClient living on the head node (wrapped by ``ray.remote`` in :func:`start_store_actor`).
 
@@ -155,11 +131,6 @@ class StoreActor:
     def log_metric_points(self, run_id: str, metrics: dict, step: int) -> None:
         log_metric_points(self.client, run_id, metrics, step, self.logged.setdefault(run_id, {}))
 
-    def log_packed_artifacts(self, run_id: str, data: bytes, artifact_path: Optional[str]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            _unpack_dir(data, Path(tmp))
-            self.client.log_artifacts(run_id, tmp, artifact_path=artifact_path)
-
 
 class RemoteClient:
     """The MlflowClient calls the study makes, forwarded to a :class:`StoreActor` (blocking)."""
@@ -175,11 +146,6 @@ class RemoteClient:
             return ray.get(self.actor.call.remote(method, *args, **kwargs))
 
         return forward
-
-    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: Optional[str] = None) -> None:
-        import ray
-
-        ray.get(self.actor.log_packed_artifacts.remote(run_id, pack_dir(Path(local_dir)), artifact_path))
 
 
 def start_store_actor(tracking_uri: str):

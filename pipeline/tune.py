@@ -85,6 +85,7 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     record = common.read_json(record_file, "", "") if record_file.is_file() else {}
     resumable = record.get("fingerprint") == fp and record.get("status") == "running"
     experiment_id = common.mlflow_experiment(params, paths.root)
+    commit = common.git_commit(paths.root)
     if resumable:
         parent_id = record["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -92,18 +93,18 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     else:
         tracking.close_superseded_run(client, record, "parent_run_id", f"[{name}]")
         shutil.rmtree(record_dir, ignore_errors=True)
-        if "://" in storage:
+        if storage != str(record_dir):  # Tune's state on shared storage (a mount or a bucket) goes too
             clear_storage(*storage.rsplit("/", 1))
         parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}", tags={
             "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name,
-            "git_commit": common.git_commit(paths.root)}).info.run_id
+            "git_commit": commit}).info.run_id
     record_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "running", "parent_run_id": parent_id})
     # After sweep.json names the parent: a sweep interrupted while logging them completes them on resume.
     log_sweep_params(client, parent_id, params, name)
 
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id, "store": store,
-               "experiment_id": experiment_id, "commit": common.git_commit(paths.root), "dataset": dataset,
+               "experiment_id": experiment_id, "commit": commit, "dataset": dataset,
                "storage": storage}
     # The trial function only waits on its TorchTrainer: it holds no CPU (a small memory reservation
     # keeps its bundle non-empty), so the workers get every CPU the sweep asks for.
@@ -156,9 +157,9 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
         uri = common.mlflow_tracking_uri(params, paths.root)
         ray_env.init_ray(params, paths.root, params.ray.num_cpus)
         dataset = dataset_access.publish(paths.prepared, params.ray.data_path)
-        store = tracking.start_store_actor(uri)
+        store, client = tracking.start_store_actor(uri), mlflow.MlflowClient(uri)
         for name in params.tune.sweeps:
-            rows += run_sweep(params, name, paths, store, mlflow.MlflowClient(uri), dataset)
+            rows += run_sweep(params, name, paths, store, client, dataset)
     keys = list(dict.fromkeys(k for s in params.tune.sweeps.values() for k in s.space))
     write_text(paths.tune / "results.csv", sweeps.results_csv(rows, keys))
     write_text(paths.tune / "best.yaml", sweeps.best_yaml_text(params, rows))

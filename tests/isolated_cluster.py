@@ -7,7 +7,8 @@ environment is bound back, so the node can run Ray, but every byte of the projec
 store and checkpoints must reach it through Ray or through the folders the test declares shared
 (``shared``, outside all hidden folders: the stand-in for an NFS mount or a bucket).
 
-Every process is started here and stopped by PID (with its descendants), never with ``ray stop``.
+Every process is started here and stopped by PID (with its descendants), never by a machine-wide
+stop command: other Ray instances may be running.
 """
 from __future__ import annotations
 

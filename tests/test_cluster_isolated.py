@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +125,6 @@ def test_worker_killed_on_an_isolated_node_resumes_to_the_same_result(study, clu
 def test_dataset_missing_on_a_node_fails_before_training_naming_node_and_path(study):
     params = write_params(study, "params_nodata.yaml", {"models": {"fcn_nodata": {"context": "none"}},
                                                         "ray": {"data_path": None}})
-    started = time.time()
     done = sh(["python", "-m", "pipeline.train", "--model", "fcn_nodata", "--params", params], study)
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-4000:]
@@ -134,7 +132,6 @@ def test_dataset_missing_on_a_node_fails_before_training_naming_node_and_path(st
     assert re.search(r"node [\d.]+ \([0-9a-f]{12}\) cannot read", out) and "ray.data_path" in out
     assert "epoch 1/" not in out, "no training step ran"
     assert "Traceback" not in own_lines(out), own_lines(out)[-3000:]
-    assert time.time() - started < 300
 
 
 def test_non_finite_loss_on_an_isolated_rank_zero_fails_naming_the_iteration(study):

@@ -98,12 +98,10 @@ def test_interrupt_worker_crash_and_hard_kill_resume_bit_identical(tmp_path, tin
     log1 = tmp_path / "1.log"
     proc = _start(project, log1)
     _wait_checkpoint(proc, project, 2, log1)
-    started = time.time()
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the stage runs in its own process group
     proc.wait(timeout=120)
     out = log1.read_text()
     assert proc.returncode == 130, out[-3000:]
-    assert time.time() - started < 60
     assert "again to resume" in out
     _, mlrun = _histories(project)
     assert mlrun.info.status == "KILLED" and "resumable" in mlrun.data.tags.get("ctxseg.state", "")
