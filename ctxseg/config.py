@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctxseg.data.config import DataConfig
+from ctxseg import param_reads
 from ctxseg.errors import UserError
 from ctxseg.models.config import ModelConfig
 
@@ -369,16 +370,22 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate a params mapping; raise :class:`ConfigError` naming every bad key."""
+def parse_params(raw: Any, source: str = "params.yaml", watch_reads: bool = True) -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` naming every bad key.
+
+    ``watch_reads``: hand the result to :func:`ctxseg.param_reads.watch` (a no-op outside the test that
+    checks every stage declares the params it reads)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    if watch_reads:
+        param_reads.watch(params)
+    return params
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -386,7 +393,19 @@ class _DuplicateKey(yaml.YAMLError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """``yaml.SafeLoader`` with YAML 1.2 booleans that refuses a key given twice in one mapping.
+
+    YAML 1.2 booleans: only ``true`` / ``false`` are booleans, as for DVC (ruamel, YAML 1.2). PyYAML
+    follows YAML 1.1, where ``off``, ``on``, ``yes``, ``no``, ``y`` and ``n`` are booleans too: DVC's
+    ``dvc exp run -S`` rewrites params.yaml and writes ``amp: off`` without quotes, which PyYAML would
+    read back as ``False``. With 1.2 booleans both tools read the same values. PyYAML otherwise keeps
+    the last of two equal keys silently; here it is an error naming both lines.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
@@ -404,6 +423,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                     f"Keep one of them.")
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def read_yaml(path: Path) -> Any:
@@ -429,8 +452,9 @@ def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = No
                           f"least the sections you change; every key is listed in README \"Params reference\".")
     if overrides:
         raw = deep_merge(raw or {}, overrides)
-    params = parse_params(raw, source=str(path))
-    resolve_paths(params, path.resolve().parent)
+    params = parse_params(raw, source=str(path), watch_reads=False)
+    resolve_paths(params, path.resolve().parent)  # the stage's own reads start after this bookkeeping
+    param_reads.watch(params)
     return params
 
 
