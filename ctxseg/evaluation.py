@@ -3,10 +3,13 @@
 :func:`evaluate` runs single-scale and (optionally) multi-scale + flip inference over a split in
 one pass (the scale-1.0 pass is shared, see :func:`ctxseg.inference.predict_single_and_multi`),
 scores predictions at the labels' own resolution (as mmseg does), keeps the palette predictions of
-a fixed sample of images and the per-image class-mean features at the classifier input (the points
-of MCIBI Fig 3). :func:`metrics_record` turns the result into the contract record of
-``metrics/<model>.json``; the ``write_*`` helpers write the evaluate stage's other outputs
-atomically. Nothing here knows MLflow or DVC.
+a fixed sample of images and the per-image class means of the pixel representation R (the points of
+MCIBI Fig 3, in the space of MCIBI's memory; :func:`representation_features`). :func:`metrics_record` turns the result into the full evaluation record
+(``metrics/<model>.details.json``: model info, per-class IoU and accuracy, the multi-scale + flip
+block, timing), and :func:`headline_metrics` into the few numbers of ``metrics/<model>.json``, the file
+DVC declares as metrics: a metrics table (``dvc metrics show``) has one column per key of that file,
+so it holds the headline numbers only. The ``write_*`` helpers write the evaluate stage's other
+outputs atomically. Nothing here knows MLflow or DVC.
 """
 from __future__ import annotations
 
@@ -28,9 +31,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Evaluation", "sample_indices", "evaluate", "classifier_features", "class_prototypes", "metrics_record",
     "headline_metrics", "per_class_rows", "write_confusion", "write_predictions", "write_features",
+    "HEADLINE", "HEADLINE_KEYS", "MS_FLIP_KEY", "DETAILS_SUFFIX", "details_file", "representation_features",
 ]
 
 HEADLINE = ("mIoU", "pixAcc", "mAcc")
+MS_FLIP_KEY = "ms_flip_mIoU"  # the multi-scale + flip mIoU in the headline file (absent without multi-scale)
+HEADLINE_KEYS = HEADLINE + (MS_FLIP_KEY,)
+DETAILS_SUFFIX = ".details.json"  # metrics/<model>.details.json: the full record, not a DVC metrics file
 
 
 @dataclasses.dataclass
@@ -49,6 +56,11 @@ class Evaluation:
     flip: bool = False
 
 
+def details_file(metrics_dir: Path, model_name: str) -> Path:
+    """``metrics/<model>.details.json``: where the full record of a model's evaluation is written."""
+    return Path(metrics_dir) / f"{model_name}{DETAILS_SUFFIX}"
+
+
 def sample_indices(n: int, k: int) -> list[int]:
     """``k`` indices spread evenly over ``range(n)`` (the same for every model: fixed sample)."""
     if n <= 0 or k <= 0:
@@ -62,6 +74,38 @@ def classifier_features(model: torch.nn.Module, images: torch.Tensor) -> torch.T
     """The features entering the final classifier in a single-scale whole-image pass (forward hook)."""
     with torch.no_grad(), ClassifierInput(model) as hook:
         model(images)
+    if hook.features is None:
+        raise RuntimeError("the classifier forward hook recorded nothing; is decode_head.classifier used?")
+    return hook.features
+
+
+def representation_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pixel representation R of each image in a single-scale whole-image pass: the features the
+    feature-space figure plots (MCIBI Fig 3).
+
+    A head that returns ``"r"`` among its outputs (MCIBI: R of Eq 3, the features its memory is a
+    running class average of, Eq 6-10) gives that; every other head gives the input of its final
+    classifier, which for the plain FCN head is the same 3x3 ConvBNReLU of stage 4 as MCIBI's R.
+    MCIBI's classifier input is F = fusion(R, C_bi) (Eq 4), another space than the memory: stars of
+    the memory drawn among points of F would sit apart from them by construction.
+    """
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "decode_head", None)
+    seen: dict = {}
+
+    def keep(_module, _inputs, output) -> None:
+        if isinstance(output, dict) and torch.is_tensor(output.get("r")):
+            seen["r"] = output["r"].detach()
+
+    handle = head.register_forward_hook(keep) if head is not None else None
+    try:
+        with torch.no_grad(), ClassifierInput(model) as hook:
+            model(images)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if "r" in seen:
+        return seen["r"]
     if hook.features is None:
         raise RuntimeError("the classifier forward hook recorded nothing; is decode_head.classifier used?")
     return hook.features
@@ -126,7 +170,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[tuple[torch.Tensor, torch
                 predictions[index] = prediction[j].cpu().numpy().astype(np.uint8)
         wanted = [j for j, index in enumerate(ids) if index in feature_ids]
         if wanted:
-            features = classifier_features(model, images)
+            features = representation_features(model, images)
             means, classes, image_idx = class_mean_features(features[wanted].cpu(), labels[wanted].cpu(),
                                                             num_classes, ignore_index)
             feats.append((means, classes, np.asarray(ids)[wanted][image_idx]))
@@ -143,7 +187,8 @@ def evaluate(model: torch.nn.Module, samples: Iterable[tuple[torch.Tensor, torch
 
 
 def metrics_record(result: Evaluation, class_names: Sequence[str], **info) -> dict:
-    """The full record of ``metrics/<model>.json``: ``info`` (model, dataset, ...) then the metrics."""
+    """The full evaluation record (``metrics/<model>.details.json``, what the register and report stages
+    read): ``info`` (model, dataset, ...) then the metrics, per class and under ``ms_flip``."""
     single = result.single.compute()
     record = {**info, "num_images": result.num_images, "num_val_images": result.num_images}
     record.update({k: single[k] for k in HEADLINE})
@@ -158,10 +203,12 @@ def metrics_record(result: Evaluation, class_names: Sequence[str], **info) -> di
 
 
 def headline_metrics(record: dict) -> dict:
-    """The numbers a metrics table shows per model: mIoU, pixAcc, mAcc and their ms+flip values."""
-    out = {k: record[k] for k in HEADLINE if k in record}
+    """The content of ``metrics/<model>.json``: flat numbers only, ``mIoU``, ``pixAcc``, ``mAcc`` and
+    (with multi-scale) ``ms_flip_mIoU``. DVC shows one column per key of a metrics file, so per-class
+    values (the per-class plot file) and strings (the details file) stay out of it."""
+    out = {k: float(record[k]) for k in HEADLINE}
     if "ms_flip" in record:
-        out["ms_flip"] = {k: record["ms_flip"][k] for k in HEADLINE if k in record["ms_flip"]}
+        out[MS_FLIP_KEY] = float(record["ms_flip"]["mIoU"])
     return out
 
 

@@ -2,7 +2,7 @@
 tables of a study laid out as the papers present them (pure functions of plain records).
 
 A *record* is one trained model: ``{"name", "framework", "context", "variant": {...}, "metrics":
-metrics/<model>.json, "run": run.json}``; a *sweep row* is one line of ``tune/results.csv``.
+metrics/<model>.details.json (the full evaluation record), "run": run.json}``; a *sweep row* is one line of ``tune/results.csv``.
 
 * MCIBI Table 5: each framework × {baseline, +MCIBI, +ACF}, mIoU and the delta against the baseline;
 * MCIBI Table 1 (fusion F of Eq 4) and Table 2 (memory init / update / momentum schedule / RCL);

@@ -77,7 +77,14 @@ class StudyLayout:
         return cls(**{f.name: Path(getattr(paths, f.name)) for f in dataclasses.fields(cls)})
 
     def metrics_file(self, name: str) -> Path:
+        """The DVC metrics file: headline numbers only (:func:`ctxseg.evaluation.headline_metrics`)."""
         return self.metrics / f"{name}.json"
+
+    def details_file(self, name: str) -> Path:
+        """The full evaluation record (per-class IoU, ms+flip block, run id, ...) the report reads."""
+        from ctxseg.evaluation import details_file
+
+        return details_file(self.metrics, name)
 
     def run_file(self, name: str) -> Path:
         return self.models / name / "run.json"
@@ -94,11 +101,15 @@ def read_json(path: Path, what: str, fix: str) -> Any:
 
 
 def collect_results(params: Params, layout: StudyLayout) -> list[dict]:
-    """One record per model of params: its resolved config, metrics/<model>.json and run.json."""
+    """One record per model of params: its resolved config, its evaluation record and run.json.
+
+    ``record["metrics"]`` is ``metrics/<model>.details.json`` (the full record: headline numbers,
+    ``per_class_iou``, ``ms_flip``, ``num_params``, ``run_id``, ...), not the DVC metrics file, which
+    holds the headline numbers only."""
     records = []
     defaults = flatten(params.model.model_dump(mode="json"))
     for name, cfg in params.models.items():
-        metrics = read_json(layout.metrics_file(name), f"metrics of model {name!r}",
+        metrics = read_json(layout.details_file(name), f"evaluation record of model {name!r}",
                             f"Run `dvc repro evaluate@{name}` first.")
         run_file = layout.run_file(name)
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}

@@ -2,10 +2,14 @@
 
 Writes (all atomically):
 
-* ``metrics/<model>.json`` — mIoU, pixAcc, mAcc, per-class IoU and accuracy, single-scale and (when
-  enabled) multi-scale + flip under ``ms_flip`` (DVC metrics);
-* ``plots/<model>/per_class_iou.json`` (DVC bar plot), ``plots/<model>/confusion.png`` (DVC image
-  plot) and ``plots/<model>/confusion.json`` (the pixel-count matrix, rows = ground truth);
+* ``metrics/<model>.json`` — the DVC metrics file: the headline numbers only, flat (``mIoU``,
+  ``pixAcc``, ``mAcc`` and, when enabled, the multi-scale + flip ``ms_flip_mIoU``), so that ``dvc
+  metrics show`` has one short row per model;
+* ``metrics/<model>.details.json`` — the full record the register and report stages read (a plain
+  output): model info and MLflow ``run_id``, per-class IoU and accuracy, the ``ms_flip`` block with its
+  per-class IoU, scales and flip, timing, parameter count;
+* ``plots/<model>/per_class_iou.json`` (DVC bar plot: IoU, ms+flip IoU and accuracy per class),
+  ``plots/<model>/confusion.png`` (DVC image plot) and ``plots/<model>/confusion.json`` (the pixel-count matrix, rows = ground truth);
 * ``plots/<model>/predictions/<id>.png`` — palette PNGs (pixel value = class id) of a fixed sample;
 * ``plots/<model>/features.npz`` — per-image class-mean features at the classifier input and, for
   MCIBI, the memory (the report's feature-space figure);
@@ -71,14 +75,16 @@ def evaluate_model(params: Params, model_name: str, paths: common.Paths) -> dict
         report["run_id"] = run_id
 
     plot_dir = paths.plots / model_name
-    write_json(paths.metrics_file(model_name), report)
+    details_file = evaluation.details_file(paths.metrics, model_name)
+    write_json(paths.metrics_file(model_name), evaluation.headline_metrics(report))
+    write_json(details_file, report)
     write_json(plot_dir / "per_class_iou.json", evaluation.per_class_rows(report))
     evaluation.write_confusion(plot_dir, result.single.matrix, class_names,
                                f"{model_name}: confusion (row-normalised)")
     evaluation.write_predictions(plot_dir / "predictions", result.predictions, dataset.ids, meta["palette"])
     evaluation.write_features(plot_dir / "features.npz", result, class_names, evaluation.class_prototypes(model))
     if ev.log_mlflow and run_id:
-        _log_to_mlflow(params, paths, model_name, run_id, report, plot_dir)
+        _log_to_mlflow(params, paths, model_name, run_id, report, plot_dir, details_file)
     log.info("[%s] mIoU %.4f pixAcc %.4f mAcc %.4f%s", model_name, report["mIoU"], report["pixAcc"], report["mAcc"],
              f" | ms+flip mIoU {report['ms_flip']['mIoU']:.4f}" if "ms_flip" in report else "")
     return report
@@ -97,7 +103,7 @@ def metric_key(name: str) -> str:
 
 
 def _log_to_mlflow(params: Params, paths: common.Paths, model_name: str, run_id: str, report: dict,
-                   plot_dir: Path) -> None:
+                   plot_dir: Path, details_file: Path) -> None:
     """Metrics (``eval_*``, ``eval_iou/<class>``) and the evaluation files to the model's training run."""
     import mlflow
     from mlflow.entities import Metric
@@ -115,6 +121,7 @@ def _log_to_mlflow(params: Params, paths: common.Paths, model_name: str, run_id:
             client.log_batch(run_id, metrics=batch[i:i + 500])
         client.set_tag(run_id, "evaluated", "true")
         client.log_artifact(run_id, str(paths.metrics_file(model_name)), artifact_path="evaluation")
+        client.log_artifact(run_id, str(details_file), artifact_path="evaluation")
         for name in ("per_class_iou.json", "confusion.json", "confusion.png"):
             client.log_artifact(run_id, str(plot_dir / name), artifact_path="evaluation")
         if (plot_dir / "predictions").is_dir() and any((plot_dir / "predictions").iterdir()):

@@ -1,5 +1,8 @@
 """DVC stage ``register``: the best model (by single-scale mIoU) into the MLflow Model Registry.
 
+The models' mIoU and MLflow run ids are read from ``metrics/<model>.details.json`` (the evaluate
+stage's full record; ``metrics/<model>.json`` is the DVC metrics file with the headline numbers only).
+
 Registers the run artifact ``model/model.pt`` of the best model's training run (the weights-only
 model file, checked with :func:`ctxseg.checkpoint.read_model_file` before it is registered) as a
 version of ``report.registered_model_name`` (default ``ctxseg-<data.name>``) and points the alias

@@ -290,7 +290,7 @@ def test_a_folder_of_own_images_trains_end_to_end_and_a_change_reruns_preprocess
         return done.stdout
 
     repro()
-    metrics = json.loads((project / "metrics" / "fcn.json").read_text())
+    metrics = json.loads((project / "metrics" / "fcn.details.json").read_text())
     assert len(metrics["per_class_iou"]) == 3 and 0.0 <= metrics["mIoU"] <= 1.0
     prepared = project / "data" / "prepared" / "folder"
     assert os.path.samefile(prepared / "images" / "train" / "train_0.jpg", src / "images" / "train" / "train_0.jpg")

@@ -64,9 +64,17 @@ def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
 
     report = evaluate_model(params, "fcn_mcibi", paths)
 
-    metrics = json.loads(paths.metrics_file("fcn_mcibi").read_text())
+    # the DVC metrics file: the headline numbers only, flat, numbers (one short row in `dvc metrics show`)
+    headline = json.loads(paths.metrics_file("fcn_mcibi").read_text())
+    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU"]
+    assert all(type(v) is float and 0 <= v <= 1 for v in headline.values())
+    assert headline["mIoU"] == pytest.approx(report["mIoU"])
+    assert headline["ms_flip_mIoU"] == pytest.approx(report["ms_flip"]["mIoU"])
+    # everything else: the details record (what register and report read)
+    metrics = json.loads((paths.metrics / "fcn_mcibi.details.json").read_text())
+    assert metrics == json.loads(json.dumps(report))
     assert set(metrics["per_class_iou"]) == set(CLASSES)
-    assert metrics["mIoU"] == pytest.approx(report["mIoU"])
+    assert metrics["mIoU"] == headline["mIoU"] and metrics["ms_flip"]["mIoU"] == headline["ms_flip_mIoU"]
     assert metrics["ms_flip"]["scales"] == [0.75, 1.0] and 0 <= metrics["ms_flip"]["mIoU"] <= 1
     assert metrics["num_images"] == 3 and metrics["context"] == "mcibi"
 
@@ -90,6 +98,8 @@ def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
     # DVC plots data
     bars = json.loads((paths.plots / "fcn_mcibi" / "per_class_iou.json").read_text())
     assert [b["class"] for b in bars] == CLASSES
+    assert [b["iou"] for b in bars] == [metrics["per_class_iou"][c] for c in CLASSES]
+    assert [b["iou_ms_flip"] for b in bars] == [metrics["ms_flip"]["per_class_iou"][c] for c in CLASSES]
     assert (paths.plots / "fcn_mcibi" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # palette PNGs of the fixed sample (first and last image): colours shown, pixel values = class ids
@@ -106,6 +116,24 @@ def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
         assert set(f["image_index"].tolist()) <= {0, 1, 2}
         assert f["memory"].shape == (len(CLASSES), 16)
         assert np.allclose(f["memory"], model.decode_head.memory.memory.numpy())
+        # the points live in the memory's space: class means of R (the features the memory averages),
+        # not of the fused classifier input F = fusion(R, C_bi)
+        from ctxseg.visualize import class_mean_features
+
+        image, label = ds[0]
+        seen = {}
+        hooks = [model.decode_head.bottleneck.register_forward_hook(lambda m, i, o: seen.__setitem__("r", o)),
+                 model.decode_head.classifier.register_forward_pre_hook(lambda m, i: seen.__setitem__("f", i[0]))]
+        with torch.no_grad():
+            model(image[None])
+        for h in hooks:
+            h.remove()
+        first = f["image_index"] == 0
+        r_means, r_classes, _ = class_mean_features(seen["r"], label[None], len(CLASSES))
+        f_means, _, _ = class_mean_features(seen["f"], label[None], len(CLASSES))
+        assert f["classes"][first].tolist() == r_classes.tolist()
+        assert np.allclose(f["means"][first], r_means, atol=1e-5)
+        assert not np.allclose(f["means"][first], f_means, atol=1e-3)
 
 
 def test_evaluate_without_multi_scale_has_no_ms_block_and_baseline_has_no_memory(tmp_path):
@@ -118,6 +146,7 @@ def test_evaluate_without_multi_scale_has_no_ms_block_and_baseline_has_no_memory
     save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"])
     report = evaluate_model(params, "fcn", paths)
     assert "ms_flip" not in report and report["inference"]["mode"] == "slide"
+    assert list(json.loads(paths.metrics_file("fcn").read_text())) == ["mIoU", "pixAcc", "mAcc"]
     assert list((paths.plots / "fcn" / "predictions").iterdir()) == []
     with np.load(paths.plots / "fcn" / "features.npz") as f:
         assert "memory" not in f.files and set(f["image_index"].tolist()) == {0}

@@ -17,12 +17,25 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     first = run(["dvc", "repro"], project)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
 
-    # metrics: the contract keys, mIoU a fraction
-    metrics = json.loads((project / "metrics" / "fcn.json").read_text())
-    assert 0.0 <= metrics["mIoU"] <= 1.0
-    assert 0.0 <= metrics["pixAcc"] <= 1.0 and 0.0 <= metrics["mAcc"] <= 1.0
+    # the DVC metrics file: the headline numbers only (flat, numbers), fractions; `dvc metrics show`
+    # shows exactly those columns
+    headline = json.loads((project / "metrics" / "fcn.json").read_text())
+    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU"]
+    assert all(type(v) is float and 0.0 <= v <= 1.0 for v in headline.values()), headline
+    shown = run(["dvc", "metrics", "show", "--json"], project)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    declared = {path: entry["data"] for rev in json.loads(shown.stdout).values()
+                for path, entry in rev["data"].items()}
+    assert declared == {"metrics/fcn.json": headline}, declared
+    # everything else the other stages need: the details record and the per-class plot file
+    metrics = json.loads((project / "metrics" / "fcn.details.json").read_text())
+    assert metrics["mIoU"] == headline["mIoU"] and metrics["ms_flip"]["mIoU"] == headline["ms_flip_mIoU"]
+    assert metrics["pixAcc"] == headline["pixAcc"] and metrics["mAcc"] == headline["mAcc"]
     assert len(metrics["per_class_iou"]) >= 2
-    assert "ms_flip" in metrics
+    assert metrics["ms_flip"]["scales"] == [0.75, 1.0] and len(metrics["ms_flip"]["per_class_iou"]) >= 2
+    assert metrics["run_id"] and metrics["model"] == "fcn"
+    bars = json.loads((project / "plots" / "fcn" / "per_class_iou.json").read_text())
+    assert {b["class"]: b["iou"] for b in bars} == metrics["per_class_iou"]
 
     # MLflow: the run has params, a per-epoch metric history and a checkpoint artifact
     from mlflow import MlflowClient
@@ -56,6 +69,7 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     with torch.no_grad():
         assert reloaded(torch.zeros(1, 3, 40, 40))["logits"].shape == (1, len(metrics["per_class_iou"]), 40, 40)
     assert mlrun.data.metrics["eval_mIoU"] == pytest.approx(metrics["mIoU"])
+    assert metrics["run_id"] == mlrun.info.run_id
 
     # report names the model and shows its mIoU
     report = (project / "reports" / "report.md").read_text()

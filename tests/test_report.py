@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ctxseg.config import parse_params
+from ctxseg.evaluation import headline_metrics
 from pipeline import common
 from test_evaluate import CLASSES, make_prepared
 
@@ -57,7 +58,8 @@ def fabricate(root: Path, *, sweep: bool = True, **report) -> tuple:
                    "num_images": 2, "num_params": 1_500_000,
                    "ms_flip": {"mIoU": ms, "pixAcc": 0.81, "mAcc": 0.51, "scales": [0.75, 1.0], "flip": True}}
         paths.metrics.mkdir(parents=True, exist_ok=True)
-        paths.metrics_file(name).write_text(json.dumps(metrics))
+        paths.metrics_file(name).write_text(json.dumps(headline_metrics(metrics)))  # what DVC shows
+        (paths.metrics / f"{name}.details.json").write_text(json.dumps(metrics))  # what report/register read
         run_dir = paths.model_dir(name)
         run_dir.mkdir(parents=True, exist_ok=True)
         history = [{"epoch": e, "iteration": 5 * e, "train_loss": 2.0 / e, "val_mIoU": miou * e / 2} for e in (1, 2)]
@@ -163,8 +165,8 @@ def test_missing_metrics_is_a_clear_error_and_keeps_the_old_report(tmp_path):
     params, paths = fabricate(tmp_path, sweep=False, complexity=False)
     write_report(params, paths)
     before = (paths.reports / "report.md").read_text()
-    paths.metrics_file("fcn_acf").unlink()
-    with pytest.raises(FileNotFoundError, match=r"fcn_acf.*dvc repro evaluate@fcn_acf"):
+    (paths.metrics / "fcn_acf.details.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"fcn_acf\.details\.json.*dvc repro evaluate@fcn_acf"):
         write_report(params, paths)
     assert (paths.reports / "report.md").read_text() == before
 
