@@ -33,4 +33,4 @@ bench: setup
 	python -m bench
 
 mlflow-ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	mlflow ui --backend-store-uri "$$(python -m pipeline.mlflow_store)" --port 5000

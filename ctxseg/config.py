@@ -103,8 +103,22 @@ class RayConfig(StrictModel):
     )
     num_cpus: Optional[int] = Field(
         None, ge=1, description="CPUs of the stage's local Ray instance; null = all of this machine's (size it down "
-        "to run two studies side by side)"
+        "to run two studies side by side, e.g. 1 each for `dvc queue start -j 2` on 2 cores)"
     )
+    worker_start_timeout_s: float = Field(
+        120, gt=0, description="how long a training run (or sweep trial) waits for its Ray Train workers to start "
+        "before the attempt fails"
+    )
+    worker_start_attempts: int = Field(
+        3, ge=1, description="attempts to start the workers before the run fails with a message saying what was "
+        "short (CPUs, GPUs, a leaked placement group); a stage never waits forever"
+    )
+
+
+#: Params that say where and how a stage runs, not what it computes: no stage declares them in dvc.yaml
+#: (moving a study onto a cluster, resizing its Ray or renaming its MLflow store must not re-train it).
+#: The params-declaration test checks every other key a stage reads against dvc.yaml.
+RUN_SETTINGS = ("ray", "mlflow")
 
 
 class MLflowConfig(StrictModel):

@@ -124,8 +124,12 @@ def best_configs(params: Params, rows: list[dict]) -> tuple[dict, dict[str, dict
 
 
 def best_command(overrides: dict[str, dict]) -> str:
-    """The ``dvc exp run -S ...`` command that trains with the chosen values."""
-    sets = " ".join(f"-S 'models.{m}.{k}={v}'" for m, chosen in overrides.items() for k, v in chosen.items())
+    """The ``dvc exp run -S ...`` command that trains with the chosen values.
+
+    Each key is set with Hydra's ``++`` (add or override): ``models.<m>`` in params.yaml usually holds
+    only what differs from ``model``, so ``models.fcn_acf.acf.heads`` does not exist there yet and DVC
+    refuses a plain ``-S models.fcn_acf.acf.heads=4`` ("not in struct"); ``++`` works whether it exists."""
+    sets = " ".join(f"-S '++models.{m}.{k}={v}'" for m, chosen in overrides.items() for k, v in chosen.items())
     return f"dvc exp run {sets}".strip()
 
 

@@ -1,5 +1,5 @@
-"""What every stage shares: the project root and contract paths, params loading, logging, a clean
-error exit, and where the MLflow store is."""
+"""What every stage shares: the project root and contract paths, params loading, logging and a clean
+error exit (where the MLflow store is: :mod:`pipeline.mlflow_store`)."""
 from __future__ import annotations
 
 import argparse
@@ -127,25 +127,10 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-# ---------------------------------------------------------------------------------------------
-# MLflow
-
-
-def mlflow_tracking_uri(params: Params, root: Path) -> str:
-    """params > $MLFLOW_TRACKING_URI > sqlite:///<root>/mlflow.db (contract)."""
-    return params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-
-
-def mlflow_experiment(params: Params, root: Path) -> str:
-    """Create (or get) the experiment from the driver, with an explicit artifact location; return its id."""
-    import mlflow
-
-    client = mlflow.MlflowClient(mlflow_tracking_uri(params, root))
-    name = params.mlflow.experiment
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifact_root = params.mlflow.artifact_root or (root / "mlartifacts").as_uri()
-    if "://" not in artifact_root:
-        artifact_root = Path(artifact_root).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
+def repo_relative(location: str, root: Path) -> str:
+    """``location`` relative to the repo root when it lies inside it (records stay true when the repo is
+    moved or copied), else unchanged (a URI, or a shared mount outside the repo)."""
+    if "://" in location:
+        return location
+    path = Path(location)
+    return str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else location

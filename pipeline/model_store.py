@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ctxseg.checkpoint import ModelFile, ModelFileError, read_model_file
 from ctxseg.config import Params
-from pipeline import common
+from pipeline import common, mlflow_store
 
 log = logging.getLogger("ctxseg.pipeline")
 
@@ -23,7 +23,7 @@ _CLIENTS: dict[str, Any] = {}
 
 def reachable_client(params: Params, paths: common.Paths) -> Optional[Any]:
     """An ``MlflowClient`` for ``mlflow_tracking_uri``, or None (logged once) when it cannot be reached."""
-    uri = common.mlflow_tracking_uri(params, paths.root)
+    uri = mlflow_store.tracking_uri(params, paths.root)
     if uri in _CLIENTS:
         return _CLIENTS[uri]
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

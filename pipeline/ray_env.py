@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ctxseg.config import Params
+from pipeline.local_ray import local_ray_record, reap_orphaned_local_ray, record_local_ray
 
 log = logging.getLogger("ctxseg.ray")
 
@@ -32,17 +33,27 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_V2_ENABLED": "
 LOCAL_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def runtime_env(root: Path, local: bool, address: Optional[str] = None) -> dict:
+def runtime_env(root: Path, local: bool, address: Optional[str] = None, start_timeout_s: float = 120) -> dict:
     """The job's runtime_env: this checkout as ``working_dir`` and Ray Train's settings.
 
-    ``address`` (a cluster's ``host:port``) is handed to every actor of the job as ``RAY_ADDRESS``:
-    Ray Train's PlacementGroupCleaner looks its cluster up by address, and without one it guesses from
-    the processes and files of the machine it runs on (wrong with two Ray instances on one machine, or
-    a head started with another ``--temp-dir``)."""
-    env = {**JOB_ENV, **(LOCAL_JOB_ENV if local else {})}
+    ``address`` (``host:port`` of the cluster, or of the stage's own local instance) is handed to every
+    actor of the job as ``RAY_ADDRESS``: Ray Train's PlacementGroupCleaner looks its cluster up by
+    address, and without one it guesses from the processes and files of the machine it runs on ("Found
+    multiple active Ray instances" with two stages or two `dvc queue` workers on one machine).
+    ``start_timeout_s``: how long Ray Train waits for a worker group (``ray.worker_start_timeout_s``)."""
+    env = {**JOB_ENV, **(LOCAL_JOB_ENV if local else {}),
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(float(start_timeout_s))}
     if address and address != "auto" and not address.startswith("ray://"):
         env["RAY_ADDRESS"] = address
     return {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -62,84 +73,35 @@ def _loopback_only() -> Iterator[None]:
 
 def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     """Join the cluster named by params or ``$RAY_ADDRESS``, else start a loopback-only local instance
-    sized ``num_cpus`` (default: this machine's CPUs); return ``"cluster"``, ``"local"`` or ``"existing"``."""
+    sized ``num_cpus`` (default: this machine's CPUs); return ``"cluster"``, ``"local"`` or ``"existing"``.
+
+    The local instance's GCS port is chosen here, so its address is known before it starts and every
+    Ray client of the stage is pinned to it: the job's actors through ``runtime_env`` and this process
+    through ``$RAY_ADDRESS`` (two stages on one machine never find each other's instance)."""
     import ray
 
     if ray.is_initialized():
         return "existing"
+    timeout = params.ray.worker_start_timeout_s
     address = params.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env(root, local=False, address=address))
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env=runtime_env(root, local=False, address=address, start_timeout_s=timeout))
         return "cluster"
-    record = _local_ray_record(root)
+    record = local_ray_record(root)
     reap_orphaned_local_ray(record)
-    with _loopback_only():
+    address = f"{LOOPBACK}:{_free_loopback_port()}"
+    cpus = num_cpus or os.cpu_count()
+    with _loopback_only(), scoped_environ({"RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1]}):
         # The dashboard stays on: Ray Train V2 polls the state API it serves.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
-                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, runtime_env=runtime_env(root, local=True))
-    _record_local_ray(record)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=True, _node_ip_address=LOOPBACK,
+                 dashboard_host=LOOPBACK, include_dashboard=True,
+                 runtime_env=runtime_env(root, local=True, address=address, start_timeout_s=timeout))
+    os.environ["RAY_ADDRESS"] = address
+    record_local_ray(record)
+    log.info("local Ray at %s with %d CPU(s) (ray.num_cpus)", address, cpus)
     return "local"
-
-
-def _local_ray_record(root: Path) -> Path:
-    """Where a stage of this checkout records the local Ray processes it started."""
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"ctxseg-local-ray-{key}.json"
-
-
-def _record_local_ray(record: Path) -> None:
-    import json
-
-    import psutil
-
-    me = psutil.Process()
-    children = []
-    for proc in me.children(recursive=True):
-        try:
-            if "ray" in " ".join(proc.cmdline()).lower():  # gcs_server, raylet, dashboard, agents, workers
-                children.append((proc.pid, proc.create_time()))
-        except psutil.Error:
-            pass
-    record.write_text(json.dumps({"owner": [me.pid, me.create_time()], "processes": children}))
-
-
-def reap_orphaned_local_ray(record: Path) -> int:
-    """Stop the local Ray processes a previous stage of this checkout started, if that stage is gone
-    (killed hard: its Ray outlives it). Processes are matched by PID *and* start time, so a PID reused
-    by an unrelated process is never touched. Returns how many were stopped."""
-    import json
-
-    import psutil
-
-    def alive(pid: int, started: float) -> Optional[psutil.Process]:
-        try:
-            proc = psutil.Process(pid)
-            return proc if abs(proc.create_time() - started) < 1e-3 else None
-        except psutil.Error:
-            return None
-
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return 0
-    if alive(*data["owner"]):
-        return 0  # its stage still runs (another `dvc repro` of this checkout): leave it
-    orphans = [p for p in (alive(pid, started) for pid, started in data["processes"]) if p is not None]
-    for proc in orphans:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(orphans, timeout=10)
-    if orphans:
-        log.warning("stopped %d Ray process(es) left behind by a stage that was killed (pid %d)",
-                    len(orphans), data["owner"][0])
-    record.unlink(missing_ok=True)
-    return len(orphans)
 
 
 @contextlib.contextmanager
@@ -193,3 +155,41 @@ def quiet_ray_report_log() -> None:
         logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray layout: keep its logs
         pass
+
+
+def explain_start_failure(workers: int, per_worker: dict) -> str:
+    """Why a worker group could not start: what it asked for against what the Ray instance has free,
+    placement groups still holding resources, and other Ray instances on this machine."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    asked = ", ".join(f"{workers} x {amount:g} {name}" for name, amount in per_worker.items())
+    have = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}" for name in per_worker)
+    parts = [f"it asked for {asked}; the Ray instance has {have} free"]
+    short = [name for name, amount in per_worker.items() if total.get(name, 0) < amount * workers]
+    if short:
+        parts.append(f"{'/'.join(short)} short for good: lower scaling.num_workers or *_per_worker, or raise "
+                     "ray.num_cpus (or join a larger cluster with ray.address)")
+    try:
+        held = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") in ("CREATED", "PENDING")]
+    except Exception:  # an older or newer state layout: say nothing rather than guess
+        held = []
+    if held:
+        parts.append(f"{len(held)} placement group(s) hold or wait for resources (another run or trial, or "
+                     "one leaked by a killed run: `ray list placement-groups`)")
+    others = _other_local_ray_instances()
+    if others:
+        parts.append(f"{others} other Ray instance(s) run on this machine and share its CPUs: give each stage "
+                     "its share with ray.num_cpus")
+    return "; ".join(parts)
+
+
+def _other_local_ray_instances() -> int:
+    import psutil
+
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    count = 0
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.info["name"] == "gcs_server" and proc.info["pid"] not in mine:
+            count += 1
+    return count

@@ -128,6 +128,7 @@ def fit_or_explain(trainer, client, run_id: str, what: str, run_path: str, max_f
     run is closed as KILLED and tagged resumable, and the stage exits 130. Retries used up: one line
     names the last checkpoint and says that ``dvc repro`` continues from it (exit 1)."""
     from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import ControllerError
 
     try:
         return trainer.fit()
@@ -135,6 +136,9 @@ def fit_or_explain(trainer, client, run_id: str, what: str, run_path: str, max_f
         client.set_tag(run_id, "ctxseg.state", "interrupted, resumable: run `dvc repro` again")
         client.set_terminated(run_id, status="KILLED")
         raise KeyboardInterrupt from None
+    except ControllerError as err:
+        client.set_terminated(run_id, status="FAILED")
+        raise common.StageFailed(f"{what} {workers_not_started(trainer, err)}") from None
     except TrainingFailedError as err:
         client.set_terminated(run_id, status="FAILED")
         storage, _, ray_name = run_path.rpartition("/")
@@ -144,6 +148,20 @@ def fit_or_explain(trainer, client, run_id: str, what: str, run_path: str, max_f
             f"{what} training failed after train.max_failures={max_failures} worker restarts (last error: {cause}). "
             f"Last checkpoint: {f'{run_path}/{last}' if last else 'none yet'}; run `dvc repro` to continue from it."
         ) from None
+
+
+def workers_not_started(trainer, err: Exception) -> str:
+    """The one-line reason of a run whose Ray Train workers never started (:func:`ray_env.explain_start_failure`)."""
+    scaling = trainer.scaling_config
+    per_worker = dict(scaling.resources_per_worker or {"CPU": 1})
+    cause = getattr(err, "controller_failure", err)
+    if type(cause).__name__ not in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+        return f"training failed in Ray Train's controller: {str(cause).strip()[:300]}"
+    params = trainer.train_loop_config["params"]
+    timeout, attempts = params["ray"]["worker_start_timeout_s"], params["ray"]["worker_start_attempts"]
+    return (f"Ray Train workers did not start ({type(cause).__name__}: {attempts} attempt(s) of {timeout:g} s, "
+            f"ray.worker_start_attempts / ray.worker_start_timeout_s): "
+            f"{ray_env.explain_start_failure(scaling.num_workers, per_worker)}")
 
 
 def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str,
@@ -167,7 +185,10 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            # A worker group that cannot start (resources short) fails after worker_start_attempts tries
+            # of ray.worker_start_timeout_s each; Ray's default retries it forever.
+            failure_config=FailureConfig(max_failures=params.train.max_failures,
+                                         controller_failure_limit=params.ray.worker_start_attempts - 1),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
             # Ray Train's own INFO lines repeat every reported metric; ours already say it once.
             logging_config=LoggingConfig(log_level="WARNING"),

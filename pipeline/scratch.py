@@ -17,7 +17,8 @@ import yaml
 from ctxseg.config import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ctxseg", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("ctxseg", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/offline_plots.html", ".dvcignore",
+                 ".gitignore", "pyproject.toml")
 # By default a scratch study trains only the baseline and runs no sweep.
 SMALL_STUDY = {"models": {"fcn": {"context": "none"}}, "tune.sweeps": {}}
 

@@ -27,16 +27,17 @@ def run_name(params: Params, model_name: str) -> str:
     return name if model_name == canonical else f"{name} [{model_name}]"
 
 
-def create_run(client, experiment_id: str, params: Params, model_name: str, commit: str, name: str,
+def create_run(client, experiment_id: str, params: Params, model_name: str, origin: dict, name: str,
                tags: dict) -> str:
     """Create the MLflow run of one training run (train stage or Tune trial), tagged; return its id.
 
-    Its params are logged separately (:func:`log_run_params`), once the caller has recorded the id
-    where a resume finds it."""
+    ``origin``: :func:`pipeline.mlflow_store.run_tags` of the stage's driver (git revision, DVC
+    experiment). Its params are logged separately (:func:`log_run_params`), once the caller has
+    recorded the id where a resume finds it."""
     cfg = params.model_config_of(model_name)
     run = client.create_run(experiment_id, run_name=name, tags={
         "model": model_name, "dataset": params.data.name, "framework": cfg.framework, "context": cfg.context,
-        "mlflow.source.git.commit": commit, "git_commit": commit, **tags,
+        **origin, **tags,
     })
     return run.info.run_id
 

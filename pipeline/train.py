@@ -5,8 +5,11 @@ interruption finds the same directory and continues from its newest complete che
 config gets a fresh run. A crashed worker is restarted by Ray (``train.max_failures``) from the newest
 checkpoint that exists at that moment.
 
-Writes ``models/<model>/``: ``ray/`` (checkpoints, unless ``ray.storage_path`` names shared storage),
-``model.pt`` (:mod:`ctxseg.checkpoint` model file), ``run.json`` (MLflow run id, per-epoch history).
+Writes ``models/<model>/``: ``model.pt`` (:mod:`ctxseg.checkpoint` model file) and ``run.json`` (MLflow
+run id, per-epoch history), both DVC-cached outputs, so ``dvc exp apply``, ``dvc checkout`` and ``dvc
+push/pull`` bring back the weights that match an experiment's metrics; and ``ray/``, persisted and not
+cached: the checkpoints (unless ``ray.storage_path`` names shared storage) and ``resume.json``, the
+record an interrupted run resumes from (DVC deletes its cached outputs before it re-runs a stage).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from ctxseg.config import Params, params_to_dict
 from ctxseg.engine import TrainState
 from ctxseg.io import write_json
 from ctxseg.models import build_segmentor
-from pipeline import common, dataset_access, ray_env, tracking
+from pipeline import common, dataset_access, mlflow_store, ray_env, tracking
 from pipeline.ray_train import fatal_error_of, fit_or_explain, make_trainer
 from pipeline.run_storage import clear_storage, remove_incomplete_checkpoints
 
@@ -68,18 +71,19 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
     model_dir = paths.model_dir(model_name)
     model_dir.mkdir(parents=True, exist_ok=True)
     fp = training_fingerprint(params, model_name)
-    run_file = model_dir / "run.json"
-    previous = common.read_json(run_file, "", "") if run_file.is_file() else {}
+    resume_file = model_dir / "ray" / "resume.json"
+    previous = common.read_json(resume_file, "", "") if resume_file.is_file() else {}
     resumable = previous.get("fingerprint") == fp and previous.get("status") == "running"
     storage, ray_name = storage_of(params, model_dir), f"run-{fp}"
+    (model_dir / "model.pt").unlink(missing_ok=True)
+    (model_dir / "run.json").unlink(missing_ok=True)
     if not resumable:
-        (model_dir / "model.pt").unlink(missing_ok=True)
         clear_storage(storage, ray_name)
         if "://" not in storage:
             shutil.rmtree(storage, ignore_errors=True)
 
-    uri = common.mlflow_tracking_uri(params, paths.root)
-    experiment_id = common.mlflow_experiment(params, paths.root)
+    uri = mlflow_store.tracking_uri(params, paths.root)
+    experiment_id = mlflow_store.experiment_id(params, paths.root)
     client = mlflow.MlflowClient(uri)
     if resumable and previous.get("run_id"):
         run_id = previous["run_id"]
@@ -87,12 +91,15 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
         log.info("[%s] resuming interrupted run %s (MLflow run %s)", model_name, ray_name, run_id)
     else:
         tracking.close_superseded_run(client, previous, "run_id", f"[{model_name}]")
-        run_id = tracking.create_run(client, experiment_id, params, model_name, common.git_commit(paths.root),
-                                     tracking.run_name(params, model_name), {"stage": "train"})
+        run_id = tracking.create_run(client, experiment_id, params, model_name,
+                                     mlflow_store.run_tags(common.git_commit(paths.root)),
+                                     tracking.run_name(params, model_name) + mlflow_store.experiment_label(),
+                                     {"stage": "train"})
     record = {"model": model_name, "fingerprint": fp, "status": "running", "run_id": run_id,
-              "experiment_id": experiment_id, "ray_run": f"{storage}/{ray_name}"}
-    write_json(run_file, record)
-    # After run.json names the run: a stage interrupted while logging them completes them on resume.
+              "experiment_id": experiment_id, "ray_run": common.repo_relative(f"{storage}/{ray_name}", paths.root)}
+    resume_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(resume_file, record)
+    # After resume.json names the run: a stage interrupted while logging them completes them on resume.
     tracking.log_run_params(client, run_id, params, model_name)
 
     mode = ray_env.init_ray(params, paths.root, params.ray.num_cpus)
@@ -125,7 +132,8 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
     client.set_terminated(run_id, status="FINISHED")
     summary = {**record, "status": "finished", "history": state.history, "epochs": state.epoch,
                "iterations": state.iteration}
-    write_json(run_file, summary)
+    write_json(model_dir / "run.json", summary)
+    write_json(resume_file, {**record, "status": "finished"})
     last = state.history[-1] if state.history else {}
     log.info("[%s] finished: %d epochs, val mIoU %.4f, MLflow run %s", model_name, state.epoch,
              last.get("val_mIoU", float("nan")), run_id)

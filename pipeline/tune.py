@@ -34,7 +34,7 @@ from ctxseg import sweep as sweeps
 from ctxseg.config import Params, params_to_dict
 from ctxseg.io import write_json, write_text
 from ctxseg.models import build_segmentor
-from pipeline import common, dataset_access, ray_env, tracking
+from pipeline import common, dataset_access, mlflow_store, ray_env, tracking
 from pipeline.run_storage import clear_storage
 from pipeline.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
                                  run_trial, scheduler, search_space, searcher)
@@ -84,8 +84,8 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     fp = sweep_fingerprint(params, name)
     record = common.read_json(record_file, "", "") if record_file.is_file() else {}
     resumable = record.get("fingerprint") == fp and record.get("status") == "running"
-    experiment_id = common.mlflow_experiment(params, paths.root)
-    commit = common.git_commit(paths.root)
+    experiment_id = mlflow_store.experiment_id(params, paths.root)
+    origin = mlflow_store.run_tags(common.git_commit(paths.root))
     if resumable:
         parent_id = record["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -95,16 +95,17 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
         shutil.rmtree(record_dir, ignore_errors=True)
         if storage != str(record_dir):  # Tune's state on shared storage (a mount or a bucket) goes too
             clear_storage(*storage.rsplit("/", 1))
-        parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}", tags={
-            "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name,
-            "git_commit": commit}).info.run_id
+        parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}"
+                                      f"{mlflow_store.experiment_label()}", tags={
+            "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name, **origin}).info.run_id
     record_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "running", "parent_run_id": parent_id})
     # After sweep.json names the parent: a sweep interrupted while logging them completes them on resume.
     log_sweep_params(client, parent_id, params, name)
 
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id, "store": store,
-               "experiment_id": experiment_id, "commit": commit, "dataset": dataset,
+               "experiment_id": experiment_id, "origin": origin, "label": mlflow_store.experiment_label(),
+               "dataset": dataset,
                "storage": storage}
     # The trial function only waits on its TorchTrainer: it holds no CPU (a small memory reservation
     # keeps its bundle non-empty), so the workers get every CPU the sweep asks for.
@@ -137,7 +138,9 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
         raise
     reconcile_children(client, experiment_id, parent_id, rows)
     close_parent_run(client, parent_id, params, sweep, rows)
-    write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "finished", "parent_run_id": parent_id})
+    # A sweep with errored trials stays resumable: the next run restores it and re-runs only those.
+    status = "running" if any(r["status"] == "ERROR" for r in rows) else "finished"
+    write_json(record_file, {"sweep": name, "fingerprint": fp, "status": status, "parent_run_id": parent_id})
     grid = sweeps.grid_rows(rows)
     log.info("[%s] %d trials (%d stopped early, %d errored) + %d seed repeats. %s", name, len(grid),
              sum(r["status"] == "STOPPED" for r in grid), sum(r["status"] == "ERROR" for r in grid),
@@ -154,7 +157,7 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
     (paths.tune / "ray").mkdir(parents=True, exist_ok=True)  # a DVC output even when no sweep is listed
     rows: list[dict] = []
     if params.tune.sweeps:
-        uri = common.mlflow_tracking_uri(params, paths.root)
+        uri = mlflow_store.tracking_uri(params, paths.root)
         ray_env.init_ray(params, paths.root, params.ray.num_cpus)
         dataset = dataset_access.publish(paths.prepared, params.ray.data_path)
         store, client = tracking.start_store_actor(uri), mlflow.MlflowClient(uri)
@@ -163,6 +166,11 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
     keys = list(dict.fromkeys(k for s in params.tune.sweeps.values() for k in s.space))
     write_text(paths.tune / "results.csv", sweeps.results_csv(rows, keys))
     write_text(paths.tune / "best.yaml", sweeps.best_yaml_text(params, rows))
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    if failed:
+        raise common.StageFailed(
+            f"{len(failed)} of {len(rows)} trials failed (marked ERROR in tune/results.csv and MLflow), e.g. "
+            f"{failed[0].get('error') or 'see the log above'}. `dvc repro tune` re-runs only the failed trials.")
     return rows
 
 

@@ -18,7 +18,7 @@ from ctxseg import sweep as sweeps
 from ctxseg.config import Params, SweepConfig, flatten, params_to_dict, parse_params
 from ctxseg.sweep import trial_params, trial_status
 from pipeline import common, tracking
-from pipeline.ray_train import fatal_error_of, make_trainer
+from pipeline.ray_train import fatal_error_of, make_trainer, workers_not_started
 
 log = logging.getLogger("ctxseg.tune")
 
@@ -71,6 +71,7 @@ def run_trial(config: dict, *, context: dict) -> None:
     ``context``: plain data and Ray handles only (base params, sweep name, parent run id, the store
     actor, the dataset handle, the sweep's storage), so the trial runs on any node."""
     from ray import tune
+    from ray.train.v2.api.exceptions import ControllerError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     common.setup_logging()
@@ -91,11 +92,12 @@ def run_trial(config: dict, *, context: dict) -> None:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        label = f"{sweep_name}/{trial_id}" + (f" (seed repeat of {repeat['of']})" if repeat else "")
+        # The trial id first: the UI cuts long names at the end.
+        label = f"{sweep_name}/{trial_id}" + (f" seed repeat of {repeat['of']}" if repeat else "")
         tags = {"stage": "tune", "sweep": sweep_name, "trial_id": trial_id, "mlflow.parentRunId": parent_id,
                 **({"repeat_of": repeat["of"]} if repeat else {})}
-        run_id = tracking.create_run(client, context["experiment_id"], tp, sweep.model, context["commit"],
-                                     f"{tracking.run_name(tp, sweep.model)} · {label}", tags)
+        run_id = tracking.create_run(client, context["experiment_id"], tp, sweep.model, context["origin"],
+                                     f"{label} · {tracking.run_name(tp, sweep.model)}{context['label']}", tags)
     # Logged on re-attach too: the interruption may have come between creating the run and its params.
     tracking.log_run_params(client, run_id, tp, sweep.model, {f"tune.{k}": v for k, v in overrides.items()})
     trainer = make_trainer(tp, sweep.model, dataset=context["dataset"], store=context["store"], run_id=run_id,
@@ -105,9 +107,14 @@ def run_trial(config: dict, *, context: dict) -> None:
         fatal = fatal_error_of(context["store"], run_id, sweep.model)
         if fatal is not None:
             raise fatal
-    except BaseException:
+    except ControllerError as err:  # its workers never started: one line that says what was short
+        client.set_terminated(run_id, status="FAILED")
+        raise common.StageFailed(f"trial {trial_id}: {workers_not_started(trainer, err)}") from None
+    except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
+    # Ended by the scheduler (ASHA), the trial's process is stopped without reaching here: its run is
+    # closed by reconcile_children, from Tune's own status.
     client.set_terminated(run_id, status="FINISHED")
 
 
@@ -129,12 +136,17 @@ def result_rows(grid, params: Params, sweep: SweepConfig, name: str) -> list[dic
                "seed": repeat["seed"] if repeat else params.seed, "repeat_of": repeat["of"] if repeat else ""}
         for key in sweep.space:
             row[key] = (repeat["overrides"] if repeat else result.config).get(key)
+        if result.error is not None:  # kept for the stage's message, not written to results.csv
+            row["error"] = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1][:500]
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
 def reconcile_children(client, experiment_id: str, parent_id: str, rows: list[dict]) -> None:
-    """Close child runs that ASHA stopped (their actor was ended mid-run) and link run ids to rows."""
+    """Make each trial's MLflow run state tell Tune's truth, tag Tune's status, link run ids to rows.
+
+    A trial ASHA stopped, or one that completed while its process was being torn down, is FINISHED
+    (tag ``tune_status``: STOPPED / COMPLETED); only an errored trial is FAILED."""
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     by_trial = {run.data.tags.get("trial_id"): run for run in children}
     for row in rows:
@@ -143,8 +155,10 @@ def reconcile_children(client, experiment_id: str, parent_id: str, rows: list[di
             continue
         row["mlflow_run_id"] = run.info.run_id
         client.set_tag(run.info.run_id, "tune_status", row["status"])
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED" if row["status"] == "ERROR" else "FINISHED")
+        client.set_tag(run.info.run_id, "tune_epochs", str(row["epochs"]))
+        state = "FAILED" if row["status"] == "ERROR" else "FINISHED"
+        if run.info.status != state:
+            client.set_terminated(run.info.run_id, status=state)
 
 
 def close_parent_run(client, parent_id: str, params: Params, sweep, rows: list[dict]) -> None:

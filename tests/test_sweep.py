@@ -59,7 +59,7 @@ def test_best_ignores_repeats_and_best_yaml_is_params_vocabulary():
     rows = GRID + [row("r0", 0.99, 2, 1, repeat_of="t2", seed=1)]  # a lucky repeat must not win
     best, overrides = best_configs(PARAMS, rows)
     assert overrides == {"fcn_acf": {"acf.mixtures": 1, "acf.heads": 2}}
-    assert best_command(overrides) == "dvc exp run -S 'models.fcn_acf.acf.mixtures=1' -S 'models.fcn_acf.acf.heads=2'"
+    assert best_command(overrides) == "dvc exp run -S '++models.fcn_acf.acf.mixtures=1' -S '++models.fcn_acf.acf.heads=2'"
     text = best_yaml_text(PARAMS, rows)
     parse_params(yaml.safe_load(text))
     assert "kxh: Grid spread" in text and "trial t1" in text

@@ -1,0 +1,139 @@
+"""Where the study's MLflow store is, and what ties each run to the code and experiment that made it.
+
+* **One store for every experiment.** DVC runs a queued experiment (``dvc exp run --queue``, ``dvc queue
+  start``) in a temporary copy of the workspace and sets ``$DVC_ROOT`` to the repository it came from.
+  The default store (``sqlite:///<repo>/mlflow.db``, artifacts in ``<repo>/mlartifacts``) is resolved
+  from that root, so a queued run lands in the store the UI shows instead of vanishing with the copy.
+* **A moved or copied repo keeps its own store.** MLflow writes absolute artifact locations into
+  ``mlflow.db``. When the default store's locations name another folder's ``mlartifacts``, the repo was
+  moved or copied (with its ``mlflow.db``): they are rewritten to this repo's before anything is
+  logged, so a copy never writes into its origin.
+* **Tags**: git revision, DVC experiment name and baseline, DVC stage (:func:`run_tags`).
+
+``python -m pipeline.mlflow_store`` prints the resolved tracking URI (``make mlflow-ui`` uses it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Optional
+from urllib.parse import unquote, urlparse
+
+from ctxseg.config import Params
+
+log = logging.getLogger("ctxseg.mlflow")
+
+ARTIFACTS = "mlartifacts"
+# Where MLflow keeps absolute locations (tables and columns of its SQL schema, MLflow 2 and 3).
+LOCATION_COLUMNS = [("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "source"),
+                    ("model_versions", "storage_location")]
+
+
+def store_root(root: Path) -> Path:
+    """The repository that owns the default store: ``$DVC_ROOT`` (the original repository, also when a
+    queued experiment runs in DVC's temporary copy), else ``root``."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and Path(dvc_root).is_dir():
+        return Path(dvc_root).resolve()
+    return Path(root).resolve()
+
+
+def is_default_store(params: Params) -> bool:
+    return not (params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    """params > $MLFLOW_TRACKING_URI > ``sqlite:///<store root>/mlflow.db`` (relocated if the repo moved)."""
+    if not is_default_store(params):
+        return params.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    home = store_root(root)
+    if params.mlflow.artifact_root is None:
+        relocate(home / "mlflow.db", home)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def artifact_root_uri(params: Params, root: Path) -> str:
+    artifact_root = params.mlflow.artifact_root or (store_root(root) / ARTIFACTS).as_uri()
+    if "://" not in artifact_root:
+        artifact_root = Path(artifact_root).resolve().as_uri()
+    return artifact_root.rstrip("/")
+
+
+def experiment_id(params: Params, root: Path) -> str:
+    """Create (or get) the experiment, with an explicit artifact location; return its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(params, root))
+    name = params.mlflow.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}")
+
+
+def _origin_of(location: str) -> Optional[Path]:
+    """The repo folder a default artifact location belongs to: ``file:///old/repo/mlartifacts/x`` -> /old/repo."""
+    path = Path(unquote(urlparse(location).path)) if location.startswith("file:") else Path(location)
+    parts = path.parts
+    if ARTIFACTS not in parts[:-1]:
+        return None
+    return Path(*parts[:len(parts) - 1 - parts[::-1].index(ARTIFACTS)])
+
+
+def relocate(db_file: Path, home: Path) -> int:
+    """Point a moved default store's absolute locations at ``home``; return how many values changed."""
+    if not db_file.is_file():
+        return 0
+    con = sqlite3.connect(db_file, timeout=30)
+    try:
+        found = {_origin_of(loc) for (loc,) in con.execute("SELECT artifact_location FROM experiments") if loc}
+        origins = {o for o in found if o is not None and o != home}
+        if not origins:
+            return 0
+        changed = 0
+        with con:  # one transaction
+            for origin in origins:
+                for old, new in ((origin.as_uri(), home.as_uri()), (str(origin), str(home))):
+                    for table, column in LOCATION_COLUMNS:
+                        columns = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+                        if column in columns:
+                            changed += con.execute(
+                                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} LIKE ? ESCAPE '\\'",
+                                (new + "/", len(old) + 2, _like_prefix(old + "/"))).rowcount
+        log.warning("this repo's mlflow.db came from %s: %d artifact location(s) now point into %s, so "
+                    "nothing is written into the original", ", ".join(map(str, sorted(origins))), changed, home)
+        return changed
+    finally:
+        con.close()
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def run_tags(commit: str) -> dict[str, str]:
+    """What produced a run: git revision, and the DVC experiment / baseline / stage when DVC runs it."""
+    tags = {"mlflow.source.git.commit": commit, "git_commit": commit}
+    for tag, var in (("dvc.experiment", "DVC_EXP_NAME"), ("dvc.baseline_rev", "DVC_EXP_BASELINE_REV"),
+                     ("dvc.stage", "DVC_STAGE")):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
+def experiment_label() -> str:
+    """`` (exp <name>)`` inside a DVC experiment, else empty: runs of the same model line up in the UI."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return f" (exp {name})" if name else ""
+
+
+if __name__ == "__main__":
+    from pipeline import common
+
+    common.setup_logging()
+    print(tracking_uri(common.load_stage_params(sys.argv[1] if len(sys.argv) > 1 else "params.yaml"),
+                       common.project_root()))
