@@ -31,7 +31,7 @@ from ctxseg import evaluation
 from ctxseg.checkpoint import load_model
 from ctxseg.config import ConfigError, Params
 from ctxseg.io import write_json
-from pipeline import common
+from pipeline import common, mlflow_store
 
 log = logging.getLogger("ctxseg.evaluate")
 
@@ -109,7 +109,7 @@ def _log_to_mlflow(params: Params, paths: common.Paths, model_name: str, run_id:
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(common.mlflow_tracking_uri(params, paths.root))
+    client = mlflow.MlflowClient(mlflow_store.tracking_uri(params, paths.root))
     metrics = {f"eval_{k}": report[k] for k in evaluation.HEADLINE}
     metrics.update({f"eval_iou/{metric_key(c)}": v for c, v in report["per_class_iou"].items()})
     if "ms_flip" in report:

@@ -32,7 +32,7 @@ from ctxseg.config import load_params
 from ctxseg.io import write_json
 from ctxseg.prediction import (PredictError, class_fractions, list_images, output_stems, predict_image, read_rgb,
                                resolve_classes, write_mask_and_overlay)
-from pipeline import common
+from pipeline import common, mlflow_store
 from pipeline.model_store import download_model_file
 
 log = logging.getLogger("ctxseg.predict")
@@ -62,7 +62,7 @@ def read_model_source(source: str, params_file: Optional[Path] = None) -> ModelF
 def _tracking_uri(params_file: Optional[Path]) -> str:
     if params_file is not None and params_file.is_file():
         params = load_params(params_file)
-        return common.mlflow_tracking_uri(params, params_file.resolve().parent)
+        return mlflow_store.tracking_uri(params, params_file.resolve().parent)
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 

@@ -23,7 +23,7 @@ from ctxseg.io import write_json
 from ctxseg.report import miou_of
 from ctxseg.sweep import finite
 from ctxseg.study import REGISTRY_RECORD, StudyLayout, collect_results
-from pipeline import common
+from pipeline import common, mlflow_store
 from pipeline.model_store import MODEL_ARTIFACT, MODEL_ARTIFACT_DIR, download_model_file, reachable_client
 
 log = logging.getLogger("ctxseg.register")
@@ -52,7 +52,7 @@ def register_best_model(params: Params, paths: common.Paths, records: list[dict]
         if MODEL_ARTIFACT not in {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT_DIR)}:
             return {**out, "status": "skipped", "reason": f"run {run_id} logged no model (no `{MODEL_ARTIFACT}` "
                                                           "artifact; was `mlflow.log_model` false?)"}
-        tracking = common.mlflow_tracking_uri(params, paths.root)
+        tracking = mlflow_store.tracking_uri(params, paths.root)
         download_model_file(f"runs:/{run_id}/{MODEL_ARTIFACT}", tracking)  # weights only: refuse anything else
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_DIR}"
         version, status = _existing_version(client, name, run_id, source), "reused"

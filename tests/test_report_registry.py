@@ -12,7 +12,7 @@ from PIL import Image
 from ctxseg.checkpoint import write_model_file
 from ctxseg.config import parse_params
 from ctxseg.models import ModelConfig, build_segmentor
-from pipeline import common
+from pipeline import common, mlflow_store
 
 CLASSES = ["sea", "lake", "ship", "swan"]
 
@@ -41,7 +41,7 @@ def test_register_best_model_then_predict_from_mlflow(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = parse_params({"mlflow": {"tracking_uri": uri, "artifact_root": str(tmp_path / "mlartifacts")}})
     paths = common.Paths(params, root=tmp_path)
-    experiment_id = common.mlflow_experiment(params, tmp_path)
+    experiment_id = mlflow_store.experiment_id(params, tmp_path)
     client = mlflow.MlflowClient(uri)
     runs = {name: client.create_run(experiment_id, tags={"dataset": "synthetic"}).info.run_id
             for name in ("fcn", "fcn_mcibi")}
@@ -106,7 +106,7 @@ def test_tampered_mlflow_artifact_is_refused_without_unpickling(tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = parse_params({"mlflow": {"tracking_uri": uri, "artifact_root": str(tmp_path / "mlartifacts")}})
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(common.mlflow_experiment(params, tmp_path)).info.run_id
+    run_id = client.create_run(mlflow_store.experiment_id(params, tmp_path)).info.run_id
     marker = tmp_path / "pwned.txt"
     evil = pickle.dumps(_CreatesAFile(marker))
     pickle.loads(pickle.dumps(_CreatesAFile(tmp_path / "control.txt"))).close()  # what an unsafe load does
