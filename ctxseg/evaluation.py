@@ -4,7 +4,8 @@
 one pass (the scale-1.0 pass is shared, see :func:`ctxseg.inference.predict_single_and_multi`),
 scores predictions at the labels' own resolution (as mmseg does), keeps the palette predictions of
 a fixed sample of images and the per-image class means of the pixel representation R (the points of
-MCIBI Fig 3, in the space of MCIBI's memory; :func:`representation_features`). :func:`metrics_record` turns the result into the full evaluation record
+MCIBI Fig 3, in the space of MCIBI's memory; :func:`representation_features`).
+:func:`metrics_record` turns the result into the full evaluation record
 (``metrics/<model>.details.json``: model info, per-class IoU and accuracy, the multi-scale + flip
 block, timing), and :func:`headline_metrics` into the few numbers of ``metrics/<model>.json``, the file
 DVC declares as metrics: a metrics table (``dvc metrics show``) has one column per key of that file,

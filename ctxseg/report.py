@@ -257,7 +257,9 @@ def headline(records: list[dict], complexity: Optional[list[dict]], trained: Opt
             if mine and theirs and finite(mine["params_M"]) and finite(theirs["params_M"]):
                 text += f"; as trained here: {mine['params_M'] - theirs['params_M']:+.2f} M params"
                 if finite(mine["flops_G"]) and finite(theirs["flops_G"]):
-                    text += f", {mine['flops_G'] - theirs['flops_G']:+.2f} GFLOPs per image"
+                    text += f", {mine['flops_G'] - theirs['flops_G']:+.3f} GFLOPs per image"
+                if finite(mine.get("latency_ms")) and finite(theirs.get("latency_ms")):
+                    text += f", {mine['latency_ms'] - theirs['latency_ms']:+.1f} ms CPU latency per image"
             lines.append(text + ".")
     return lines
 
@@ -474,7 +476,7 @@ def add_complexity_section(doc: Document, rows: list[dict]) -> None:
     The paper's rows that ctxseg does not implement are listed with the paper's figures only."""
     from ctxseg.models import complexity
 
-    doc.heading("Complexity (MCIBI Table 3)")
+    doc.heading("Complexity (MCIBI Table 3)", level=3)
     setting = "input 1×2048×128×128, 512 channels, 150 classes"
     headers = ["module", "params (M)", "GFLOPs (2/MAC, with attention)", "GMACs (layers only)", "CPU latency (ms)",
                "paper: params (M)", "paper: GMACs", "paper: time (ms, V100)"]
@@ -518,15 +520,30 @@ def kh_epochs(rows: list[dict], grids: dict[str, tuple[list, list, np.ndarray]])
     return out
 
 
-def _epochs_note(epochs: Any, longest: Any) -> str:
+def _epochs_note(epochs: Any, longest: Any, status: Optional[str] = None) -> str:
+    """How many epochs a trial ran, e.g. ``"4 ep"``, ``"2 ep, stopped early"`` (fewer than ``longest``),
+    ``"0 ep, failed"`` (status ERROR)."""
     if not finite(epochs):
         return ""
-    return f"{int(epochs)} ep" + ("" if not finite(longest) or epochs >= longest else " (stopped early)")
+    if status == "ERROR":
+        return f"{int(epochs)} ep, failed"
+    return f"{int(epochs)} ep" + ("" if not finite(longest) or epochs >= longest else ", stopped early")
+
+
+def score_cell(score: Any, epochs: Any, longest: Any) -> str:
+    """A sweep table cell: the score (%) and, beside it, how many epochs its trial ran, so that a score
+    reached by a trial ASHA stopped early is not read as a like-for-like comparison."""
+    if not finite(score):
+        return "–"
+    note = _epochs_note(epochs, longest)
+    return f"{score:.2f}" + (f" ({note})" if note else "")
 
 
 def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Path, root: Path,
-                      enabled: bool = True) -> None:
-    """Sweep results of ``tune/``: the K x H grid (CFNet Table 3), each swept MCIBI / ACF key, the best trials."""
+                      enabled: bool = True, colours: Optional[dict] = None) -> None:
+    """Sweep results of ``tune/``: the K x H grid (CFNet Table 3), each swept MCIBI / ACF key, every
+    trial, the best trials. Every score is shown with the epochs its trial ran (ASHA stops weak trials
+    early); ``colours`` is the report's model -> colour mapping."""
     from ctxseg.visualize import heatmap_figure, save_png, sweep_scatter_figure
 
     doc.heading("Sweep results (tune)")
@@ -549,26 +566,29 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
     keys = swept_keys(rows)
     longest = {m: max((r["epochs"] for r in rows if r["model"] == m and finite(r.get("epochs"))), default=None)
                for m in {r["model"] for r in rows}}
+    ran = {m: sorted({int(r["epochs"]) for r in rows if r["model"] == m and finite(r.get("epochs"))
+                      and sweep_score(r) is not None}) for m in sorted(longest)}
     doc.paragraph(f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) over "
                   f"{', '.join(f'`{k}`' for k in keys) or 'no swept key'}; a trial's score is its best validation "
-                  "mIoU (early-stopped trials keep the best they reached). ASHA stops weak trials early: the "
-                  "epochs each trial ran are given beside its score, and a score reached in fewer epochs than "
-                  "the longest trials is not a like-for-like comparison.")
+                  "mIoU (early-stopped trials keep the best they reached). ASHA stops weak trials early, so the "
+                  "trials did not all run the same number of epochs ("
+                  + "; ".join(f"`{m}`: {', '.join(map(str, e))} epochs" for m, e in ran.items() if e) + "). "
+                  "Every score below carries the epochs its trial ran; a score reached in fewer epochs than the "
+                  "longest trials (\"stopped early\") is not a like-for-like comparison with them.")
     grids = kh_grid(rows)
     epochs = kh_epochs(rows, grids)
     for model, (ks, hs, grid) in grids.items():
         doc.table(["K (acf.mixtures) \\ H (acf.heads)"] + [str(h) for h in hs],
-                  [[str(k)] + [fmt_num(scale * v, 2) if np.isfinite(v) else "–" for v in grid[i]] for i, k in enumerate(ks)],
-                  caption=f"{model}: best mIoU (%) over K mixtures × H heads (layout of CFNet Table 3)")
-        doc.table(["K \\ H: epochs the best trial ran"] + [str(h) for h in hs],
-                  [[str(k)] + [_epochs_note(e, longest.get(model)) or "–" for e in epochs[model][i]]
+                  [[str(k)] + [score_cell(scale * v, e, longest.get(model)) for v, e in zip(grid[i], epochs[model][i])]
                    for i, k in enumerate(ks)],
-                  caption=f"{model}: epochs run by the trial behind each cell (longest trial: "
+                  caption=f"{model}: best mIoU (%) over K mixtures × H heads (layout of CFNet Table 3), with the "
+                          f"epochs the cell's trial ran (the longest trials ran "
                           f"{fmt_num(longest.get(model), 0)} epochs)")
-        notes = [[_epochs_note(e, longest.get(model)).replace(" (stopped early)", "*") for e in row]
+        notes = [[_epochs_note(e, longest.get(model)).replace(", stopped early", "*") for e in row]
                  for row in epochs[model]]
         doc.image(save_png(heatmap_figure(scale * grid, ks, hs, "H (acf.heads)", "K (acf.mixtures)",
-                                          f"{model}: mIoU (%) over K × H", notes=notes),
+                                          f"{model}: mIoU (%) over K × H", notes=notes,
+                                          title_colour=(colours or {}).get(model, "black")),
                            figures / f"sweep_kh_{safe_name(model)}.png"),
                   f"{model}: best validation mIoU (%) per K × H, with the epochs its trial ran "
                   "(* = stopped early by ASHA)")
@@ -577,8 +597,8 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
         best = per_key_best(rows, key)
         if not best:
             continue
-        doc.table([key, "best mIoU (%)", "trials", "epochs (best trial)"],
-                  [[value_text(v), fmt_num(scale * s, 2), str(n), _epochs_note(e, longest.get(m)) or "–"]
+        doc.table([key, "best mIoU (%) (epochs its trial ran)", "trials"],
+                  [[value_text(v), score_cell(scale * s, e, longest.get(m)), str(n)]
                    for v, s, n, e, m in _per_key_best_epochs(rows, key, best)],
                   caption=f"mIoU against {key}" + (f" ({SYMBOL[key]})" if key in SYMBOL else ""))
         scored = [r for r in rows if finite(r.get(key)) and sweep_score(r) is not None]
@@ -586,20 +606,22 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
             series[f"{key} ({SYMBOL[key]})" if key in SYMBOL else key] = (
                 [r[key] for r in scored], [scale * sweep_score(r) for r in scored],
                 [bool(finite(r.get("epochs")) and finite(longest.get(r["model"])) and r["epochs"] < longest[r["model"]])
-                 for r in scored])
+                 for r in scored], [r["model"] for r in scored],
+                [float(r["epochs"]) if finite(r.get("epochs")) else None for r in scored])
     if series:
-        doc.image(save_png(sweep_scatter_figure(series), figures / "sweep_params.png"),
-                  "Every trial's validation mIoU (%) against each swept MCIBI / ACF setting "
-                  "(hollow markers: trials ASHA stopped early)")
+        doc.image(save_png(sweep_scatter_figure(series, colours=colours), figures / "sweep_params.png"),
+                  "Every trial's validation mIoU (%) against each swept MCIBI / ACF setting, in its model's colour "
+                  "(filled: ran every epoch; hollow: stopped early by ASHA)")
+    _every_trial_tables(doc, rows, keys, longest, scale)
     lines = []
     for model in sorted({r["model"] for r in rows}):
         best_row = max((r for r in rows if r["model"] == model and sweep_score(r) is not None), key=sweep_score,
                        default=None)
         if best_row is not None:
             setting = ", ".join(f"{k}={value_text(best_row[k])}" for k in keys if best_row.get(k) is not None)
-            ran = _epochs_note(best_row.get("epochs"), longest.get(model))
+            note = _epochs_note(best_row.get("epochs"), longest.get(model))
             lines.append(f"`{model}`: trial `{best_row.get('trial_id', '?')}` ({setting}), mIoU "
-                         f"{fmt_num(scale * sweep_score(best_row))}%" + (f" after {ran}" if ran else ""))
+                         f"{fmt_num(scale * sweep_score(best_row))}%" + (f" after {note}" if note else ""))
     if lines:
         doc.paragraph("Best trial per swept model (short trials: compare trials with each other, not with the main "
                       "table's fully trained models):")
@@ -616,6 +638,22 @@ def add_sweep_section(doc: Document, results: Path, best_yaml: Path, figures: Pa
             doc.code(text if len(text.splitlines()) <= 40 else "\n".join(text.splitlines()[:40]) + "\n...")
 
 
+def _every_trial_tables(doc: Document, rows: list[dict], keys: list[str], longest: dict, scale: float) -> None:
+    """One table per sweep, one row per trial (best score first): its swept values, score, epochs, status."""
+    for name in dict.fromkeys(r.get("sweep") or "" for r in rows):
+        trials = sorted((r for r in rows if (r.get("sweep") or "") == name),
+                        key=lambda r: -(sweep_score(r) if sweep_score(r) is not None else -1))
+        swept = [k for k in keys if any(r.get(k) is not None for r in trials)]
+        doc.table(["trial", "model"] + swept + ["best mIoU (%)", "epochs run", "status"],
+                  [[str(r.get("trial_id", "?")), str(r.get("model", "?"))]
+                   + [value_text(r[k]) if r.get(k) is not None else "–" for k in swept]
+                   + [fmt_num(scale * sweep_score(r), 2) if sweep_score(r) is not None else "–",
+                      _epochs_note(r.get("epochs"), longest.get(r.get("model")), r.get("status")) or "–",
+                      str(r.get("status") or "?")]
+                   for r in trials],
+                  caption=f"{name or 'sweep'}: every trial, best first, with the epochs it ran")
+
+
 def _add_noise_section(doc: Document, rows: list[dict], scale: float) -> None:
     """How far to trust each sweep: its grid's spread beside the seed-to-seed spread of its repeats."""
     doc.paragraph("How far to trust the sweeps: each sweep's best and worst configuration were trained again with "
@@ -625,9 +663,12 @@ def _add_noise_section(doc: Document, rows: list[dict], scale: float) -> None:
         sweep_rows = [r for r in rows if r.get("sweep") == name]
         noise = noise_level(sweep_rows)
         if noise is not None:
-            doc.table(["configuration (trial)", "mIoU (%) at params.seed", "mIoU (%) at seed + 1", "change"],
-                      [[str(trial), fmt_num(scale * a, 2), fmt_num(scale * b, 2), f"{scale * (b - a):+.2f}"]
-                       for trial, a, b in noise["pairs"]], caption=f"{name}: seed repeats")
+            ran = {r.get("trial_id"): r.get("epochs") for r in sweep_rows}
+            doc.table(["configuration (trial)", "mIoU (%) at params.seed", "mIoU (%) at seed + 1", "change",
+                       "epochs (each run)"],
+                      [[str(trial), fmt_num(scale * a, 2), fmt_num(scale * b, 2), f"{scale * (b - a):+.2f}",
+                        fmt_num(ran.get(trial), 0)] for trial, a, b in noise["pairs"]],
+                      caption=f"{name}: seed repeats (the repeat runs as many epochs as the original trial)")
         doc.paragraph(f"`{name}`: {noise_verdict(noise)}")
 
 
@@ -671,35 +712,58 @@ def complexity_rows(latency_in_channels: int, latency_size: int, latency_channel
     return rows
 
 
-def trained_cost_rows(records: list[dict], image_size: Optional[Sequence[int]]) -> list[dict]:
-    """Cost of each trained model as it was trained and scored: params, GFLOPs of one forward pass on an
-    image of ``image_size`` (counted on the meta device; None if it cannot be counted) and the
-    seconds per image measured by the evaluate stage."""
+def trained_cost_rows(records: list[dict], image_size: Optional[Sequence[int]], latency_repeats: int = 3) -> list[dict]:
+    """Cost of each trained model as it was configured (its backbone, channels, context head) and scored:
+    params, GFLOPs of one forward pass on an image of ``image_size`` (counted on the meta device),
+    CPU latency of that forward pass (one thread, best of ``latency_repeats`` round-robin runs, the
+    models built from their configs: the weights do not change the cost), and the seconds per image
+    the evaluate stage measured (every test scale included). None where a value cannot be had."""
     out = []
     for r in records:
-        m = r["metrics"]
+        m, cfg = r["metrics"], r.get("config")
         out.append({"name": r["name"], "framework": r["framework"], "context": r["context"],
+                    "backbone": getattr(getattr(cfg, "backbone", None), "name", None),
+                    "channels": getattr(cfg, "channels", None),
                     "params_M": m["num_params"] / 1e6 if finite(m.get("num_params")) else None,
                     "flops_G": _model_gflops(r, image_size) if image_size else None,
+                    "latency_ms": None,
                     "seconds_per_image": m.get("seconds_per_image"),
                     "device": (m.get("inference") or {}).get("device")})
+    if image_size and latency_repeats > 0:
+        for row, ms in zip(out, _model_latencies(records, image_size, latency_repeats)):
+            row["latency_ms"] = ms
     return out
+
+
+def _build_trained(record: dict, device: str):
+    """The record's segmentor from its config (no pretrained weights), ready to measure, or None."""
+    from ctxseg.models import build_segmentor
+
+    cfg, num_classes = record.get("config"), len(record["metrics"].get("per_class_iou") or {}) or 2
+    if cfg is None:
+        return None
+    import torch
+
+    config = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"pretrained": None})})
+    with torch.device(device):
+        model = build_segmentor(config, num_classes).eval()
+    head = getattr(model, "decode_head", None)
+    if device != "meta" and hasattr(head, "prepare_measurement"):
+        head.prepare_measurement()  # e.g. MCIBI's memory rows, as after training
+    return model
 
 
 def _model_gflops(record: dict, image_size: Sequence[int]) -> Optional[float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ctxseg.models import build_segmentor
     from ctxseg.models import complexity  # noqa: F401  (registers the FLOP rules of fused attention)
 
-    cfg, num_classes = record.get("config"), len(record["metrics"].get("per_class_iou") or {}) or 2
-    if cfg is None:
-        return None
     try:
-        config = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"pretrained": None})})
+        model = _build_trained(record, "meta")
+        if model is None:
+            return None
         with torch.device("meta"):
-            model = build_segmentor(config, num_classes).eval()
             x = torch.randn(1, 3, int(image_size[0]), int(image_size[1]))
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
@@ -709,19 +773,53 @@ def _model_gflops(record: dict, image_size: Sequence[int]) -> Optional[float]:
         return None
 
 
+def _model_latencies(records: list[dict], image_size: Sequence[int], repeats: int) -> list[Optional[float]]:
+    """CPU latency (ms, best of ``repeats``) of one forward pass per trained model, timed round-robin on
+    one thread (steadier on a shared machine, comparable between machines); None where it fails."""
+    import torch
+
+    from ctxseg.inference import measure_latencies
+
+    cases = {}
+    for i, r in enumerate(records):
+        try:
+            torch.manual_seed(i)
+            model = _build_trained(r, "cpu")
+        except Exception:  # the config no longer builds: the table says n/a
+            model = None
+        if model is not None:
+            cases[r["name"]] = (model, (torch.randn(1, 3, int(image_size[0]), int(image_size[1])),))
+    if not cases:
+        return [None] * len(records)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings = measure_latencies(cases, warmup=1, repeats=repeats)
+    except Exception:
+        return [None] * len(records)
+    finally:
+        torch.set_num_threads(threads)
+    return [timings[r["name"]]["min_ms"] if r["name"] in timings else None for r in records]
+
+
 def add_trained_cost_table(doc: Document, rows: list[dict], image_size: Optional[Sequence[int]]) -> None:
-    """The cost of the models actually trained here, with the change against each framework's baseline."""
+    """The cost of the models actually trained here (as configured), with the change against each
+    framework's baseline: params, GFLOPs and CPU latency of one image, and the evaluate stage's time."""
     base = {r["framework"]: r for r in rows if r["context"] == "none"}
     body = []
     for r in rows:
         b = base.get(r["framework"])
-        diff = (lambda key: "" if b is None or b is r or not (finite(r[key]) and finite(b[key]))
-                else f"{r[key] - b[key]:+.2f}")
-        body.append([r["name"], fmt_num(r["params_M"]), diff("params_M"), fmt_num(r["flops_G"], 2), diff("flops_G"),
+        diff = (lambda key, digits=2: "" if b is None or b is r or not (finite(r[key]) and finite(b[key]))
+                else f"{r[key] - b[key]:+.{digits}f}")
+        body.append([r["name"], r["backbone"] or "–", str(r["channels"] or "–"), fmt_num(r["params_M"]),
+                     diff("params_M"), fmt_num(r["flops_G"], 3), diff("flops_G", 3), fmt_num(r["latency_ms"], 1),
+                     diff("latency_ms", 1),
                      fmt_num(1000 * r["seconds_per_image"], 1) if finite(r["seconds_per_image"]) else "n/a",
                      r["device"] or "–"])
     size = f"{image_size[0]}×{image_size[1]}" if image_size else "n/a"
-    doc.table(["model", "params (M)", "Δ params", f"GFLOPs ({size} image)", "Δ GFLOPs", "ms / image (evaluate)",
-               "device"], body,
-              caption="Cost of the models trained here (whole model, as trained; ms / image: the evaluate stage's "
-                      "inference time per image, every test scale included)")
+    doc.table(["model", "backbone", "channels", "params (M)", "Δ params", f"GFLOPs ({size})", "Δ GFLOPs",
+               f"CPU latency (ms, {size})", "Δ latency", "ms / image (evaluate)", "device"], body,
+              caption=f"Cost of the models trained here, as configured (whole model: backbone, channels and "
+                      f"context head of params.yaml), on one {size} image; CPU latency: 1 thread, best of the "
+                      "round-robin runs; ms / image: the evaluate stage's inference time per image, every test "
+                      "scale and the flip included")

@@ -48,12 +48,19 @@ from ctxseg.report import (
 log = logging.getLogger(__name__)
 
 __all__ = ["StudyLayout", "ReportInputError", "REGISTRY_RECORD", "collect_results", "read_json", "dataset_note",
-           "loss_curves", "qualitative_inputs", "feature_panels", "build_report", "LOSS_KEY"]
+           "loss_curves", "qualitative_inputs", "feature_panels", "build_report", "LOSS_KEY", "TERM_LABEL",
+           "still_rising", "rising_note", "model_colours", "column_title"]
 
 REGISTRY_RECORD = Path("registry") / "best.json"  # written by the register stage, read by the report
 # The like-for-like training loss: every model's segmentation CE on its final prediction (the
 # totals differ in their terms: MCIBI adds L_W and L_M, ACF and the baseline do not).
 LOSS_KEY = "loss_o"
+# What each logged loss term is (unweighted values; the objective weighs them, Eq 19)
+TERM_LABEL = {"loss_o": "L_O", "loss_aux": "L_aux", "loss_w": "L_W", "loss_m": "L_M"}
+TERM_MEANING = {"loss_o": "the CE of the final prediction", "loss_aux": "the CE of the auxiliary head (×0.4 in the "
+                "objective)", "loss_w": "MCIBI's CE of H1(R) (Eq 16, ×α)",
+                "loss_m": "MCIBI's representation consistent learning on the memory (Eq 17, ×β)"}
+RISING_TOLERANCE = 0.5  # mIoU points over the last validation interval above which a curve is "still rising"
 
 
 class ReportInputError(UserError, FileNotFoundError):
@@ -164,25 +171,29 @@ def eval_image_size(meta: dict, split: str) -> Optional[list[int]]:
 
 
 def loss_curves(records: list[dict], histories: dict[str, dict[str, tuple]]) -> dict[str, dict]:
-    """model -> {"loss": (x, y), "loss_key": name, "val_mIoU": (epochs, %)}.
+    """model -> {"terms": {term: (x, y)}, "source": text, "val_mIoU": (epochs, %)}.
 
-    ``histories[model][metric] = (steps, values)`` are per-iteration histories from the tracking
-    store (optional). The loss is :data:`LOSS_KEY` where every model has it (like for like), else
-    each model's total; without histories it falls back to run.json's per-epoch ``train_loss``.
+    ``terms`` are the loss terms the model logged, each on its own (``loss_o``, ``loss_aux``, and for
+    MCIBI ``loss_w``, ``loss_m``; see :data:`TERM_LABEL`), never the total, which sums different terms
+    for different models. ``histories[model][term] = (steps, values)`` are per-iteration histories from
+    the tracking store (optional); a model without them falls back to run.json's per-epoch means
+    (``train_loss_o``, ...) at each epoch's last iteration.
     """
     curves: dict[str, dict] = {}
-    same = all(LOSS_KEY in histories.get(r["name"], {}) for r in records) and records
     for r in records:
         history = r["run"].get("history") or []
         series: dict[str, Any] = {}
         own = histories.get(r["name"], {})
-        key = LOSS_KEY if same else "loss"
-        if own.get(key):
-            series["loss"], series["loss_key"] = own[key], key
-        elif history and any("train_loss" in h for h in history):
-            hs = [h for h in history if "train_loss" in h]
-            series["loss"] = ([h.get("iteration", h.get("epoch")) for h in hs], [h["train_loss"] for h in hs])
-            series["loss_key"] = "train_loss"
+        terms = {k: tuple(v) for k, v in own.items() if k.startswith("loss_") and v and len(v[0])}
+        source = "per iteration (MLflow)"
+        if not terms:
+            keys = dict.fromkeys(k for h in history for k in h if k.startswith("train_loss_"))
+            for key in keys:
+                hs = [h for h in history if finite(h.get(key))]
+                terms[key[len("train_"):]] = ([h.get("iteration", h.get("epoch")) for h in hs], [h[key] for h in hs])
+            source = "per-epoch means (run.json)"
+        if terms:
+            series["terms"], series["source"] = terms, source
         vals = [h for h in history if finite(h.get("val_mIoU"))]
         if vals:
             series["val_mIoU"] = ([h.get("epoch", i + 1) for i, h in enumerate(vals)],
@@ -192,10 +203,61 @@ def loss_curves(records: list[dict], histories: dict[str, dict[str, tuple]]) -> 
     return curves
 
 
-def still_rising(epochs_values: tuple, tolerance: float = 0.5) -> bool:
-    """True when a validation curve (mIoU in %) gained more than ``tolerance`` points over its last epoch."""
-    _, ys = epochs_values
-    return len(ys) >= 2 and ys[-1] - ys[-2] > tolerance
+def last_gain(epochs_values: tuple) -> Optional[tuple[Any, Any, float]]:
+    """(previous epoch, last epoch, mIoU points gained between them) of a validation curve in %, or None."""
+    xs, ys = epochs_values
+    if len(ys) < 2:
+        return None
+    return xs[-2], xs[-1], float(ys[-1] - ys[-2])
+
+
+def still_rising(epochs_values: tuple, tolerance: float = RISING_TOLERANCE) -> bool:
+    """True when a validation curve (mIoU in %) gained more than ``tolerance`` points over its last
+    validation interval: it has not flattened, and longer training would likely change the result."""
+    gain = last_gain(epochs_values)
+    return gain is not None and gain[2] > tolerance
+
+
+def rising_note(curves: dict[str, dict], tolerance: float = RISING_TOLERANCE) -> Optional[str]:
+    """The report's sentence on which validation curves are still rising at their last epoch (with the
+    numbers), or that all have flattened; None without validation curves."""
+    gains = {n: last_gain(c["val_mIoU"]) for n, c in curves.items() if "val_mIoU" in c}
+    gains = {n: g for n, g in gains.items() if g is not None}
+    if not gains:
+        return None
+    rising = {n: g for n, g in gains.items() if g[2] > tolerance}
+    if not rising:
+        return (f"Every validation curve has flattened: none gained more than {tolerance:g} mIoU points over its "
+                "last validation interval (" + ", ".join(f"`{n}` {g[2]:+.2f}" for n, g in gains.items()) + ").")
+    return ("**Still rising at the last epoch** (validation mIoU gained more than "
+            f"{tolerance:g} points over the last validation interval, so the curve has not flattened): "
+            + ", ".join(f"`{n}` {g[2]:+.2f} points (epoch {g[0]} → {g[1]}, to {curves[n]['val_mIoU'][1][-1]:.2f}%)"
+                        for n, g in rising.items())
+            + ". Longer training (`train.epochs`) would likely raise their numbers: their comparison is not final."
+            + (" Flattened: " + ", ".join(f"`{n}` ({g[2]:+.2f})" for n, g in gains.items() if n not in rising) + "."
+               if len(rising) < len(gains) else ""))
+
+
+def curves_caption(curves: dict[str, dict]) -> str:
+    """The training-curves caption: which panel shows what, and what each loss term drawn is."""
+    terms = [k for k in dict.fromkeys(t for c in curves.values() for t in c.get("terms", {}))]
+    sources = sorted({c["source"] for c in curves.values() if "source" in c})
+    if not terms:
+        return ("Validation mIoU (%) per epoch. No loss curves: the runs recorded no per-term loss history (only "
+                "totals, which sum different terms for different models and are not comparable).")
+    others = [t for t in terms if t != LOSS_KEY]
+    return ("Left: L_O, the loss term every model has (like for like)"
+            + ("; middle: the other terms, unweighted, each in its model's colour and its own line style"
+               if others else "") + "; right: validation mIoU (%) per epoch. "
+            + "; ".join(f"{TERM_LABEL.get(k, k)} = {TERM_MEANING.get(k, k)}" for k in
+                        [k for k in TERM_LABEL if k in terms] + [k for k in terms if k not in TERM_LABEL])
+            + f". Losses {' and '.join(sources)}; the totals are not drawn, as they sum different terms for "
+            "different models.")
+
+
+def column_title(record: dict) -> str:
+    """The title of a model's column / panel in the figures: ``name (+CONTEXT)``."""
+    return f"{record['name']} ({CONTEXT_LABEL.get(record['context'], record['context'])})"
 
 
 def qualitative_inputs(records: list[dict], layout: StudyLayout, split: str, limit: int):
@@ -213,7 +275,7 @@ def qualitative_inputs(records: list[dict], layout: StudyLayout, split: str, lim
         pred_dir = layout.plots / r["name"] / "predictions"
         id_sets.append({p.stem for p in pred_dir.glob("*.png")} if pred_dir.is_dir() else set())
     ids = (sorted(set.intersection(*id_sets)) if id_sets else [])[:limit]
-    images, gts, preds = [], [], {f"{r['name']} ({CONTEXT_LABEL[r['context']]})": [] for r in columns}
+    images, gts, preds = [], [], {column_title(r): [] for r in columns}
     shown = []
     for i in ids:
         image_path = image_file(layout.prepared, meta, split, i)  # the original .jpg / .png
@@ -243,7 +305,7 @@ def feature_panels(records: list[dict], layout: StudyLayout) -> dict:
             with np.load(path) as f:
                 if len(f["means"]) == 0:
                     break
-                panels[f"{r['name']} ({CONTEXT_LABEL[r['context']]})"] = {
+                panels[column_title(r)] = {
                     "model": r["name"], "means": f["means"], "classes": f["classes"],
                     "memory": f["memory"] if "memory" in f.files else None}
         if len(panels) == 2:
@@ -280,7 +342,7 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
         except Exception as err:  # the models' complexity module changed shape: report the rest
             log.warning("complexity table skipped: %s", err)
     size = eval_image_size(meta, params.evaluate.split)
-    trained = trained_cost_rows(records, size) if rc.complexity else None
+    trained = trained_cost_rows(records, size, rc.latency_repeats) if rc.complexity else None
 
     doc.heading("Did the context modules help, and at what cost?")
     lines = headline(records, complexity, trained)
@@ -288,8 +350,8 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
         doc.bullets(lines)
         doc.paragraph("Single training run per model: differences of about a point or less can be seed noise."
                       + (" Costs are params / FLOPs of the context module in MCIBI Table 3's setting and CPU "
-                         "latency measured here (see the complexity table), then the whole trained model's "
-                         "params and FLOPs as trained here." if complexity else ""))
+                         "latency measured here (see the complexity section), then the whole model's params, "
+                         "FLOPs and CPU latency per image as trained here." if complexity else ""))
     else:
         doc.paragraph("No context model (MCIBI or ACF) in this study.")
 
@@ -308,29 +370,25 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
                       f"{'on' if params.evaluate.flip else 'off'}; {params.evaluate.mode} inference.")
 
     _ablations(doc, records, rc.ablations)
-    add_sweep_section(doc, layout.tune / "results.csv", layout.tune / "best.yaml", figures, layout.root, rc.sweeps)
-    if complexity:
-        add_complexity_section(doc, complexity)
+    add_sweep_section(doc, layout.tune / "results.csv", layout.tune / "best.yaml", figures, layout.root, rc.sweeps,
+                      colours=colours)
+    if trained or complexity:
+        doc.heading("Complexity")
     if trained:
         add_trained_cost_table(doc, trained, size)
+    if complexity:
+        add_complexity_section(doc, complexity)
 
     doc.heading("Training and per-class results")
     curves = loss_curves(records, histories or {})
     if curves:
-        keys = {c.get("loss_key") for c in curves.values() if "loss" in c}
-        loss_title = ("segmentation loss L_o (CE of the final prediction)" if keys == {LOSS_KEY}
-                      else "training loss (total)" if keys == {"loss"} else "training loss (per-epoch mean)")
-        doc.image(viz.save_png(viz.training_curves_figure(curves, colours=colours, loss_title=loss_title),
-                               figures / "training_curves.png"),
-                  f"Left: {loss_title} per model; right: validation mIoU (%) per epoch")
-        rising = [name for name, c in curves.items() if "val_mIoU" in c and still_rising(c["val_mIoU"])]
-        if keys != {LOSS_KEY}:
-            doc.paragraph("The totals are not like for like: MCIBI's adds L_W and L_M (Eq 18-19) to the CE terms "
-                          "the other models share.")
-        if rising:
-            doc.paragraph("Still improving at the last epoch (validation mIoU rose by more than half a point in "
-                          f"the final epoch): {', '.join(f'`{n}`' for n in rising)}. Longer training "
-                          "(`train.epochs`) would likely raise their numbers; their comparison is not final.")
+        rising = [n for n, c in curves.items() if "val_mIoU" in c and still_rising(c["val_mIoU"])]
+        figure = viz.training_curves_figure(curves, colours, shared_term=LOSS_KEY, term_labels=TERM_LABEL,
+                                            rising=rising, shared_title="L_O: CE of the final prediction")
+        doc.image(viz.save_png(figure, figures / "training_curves.png"), curves_caption(curves))
+        note = rising_note(curves)
+        if note:
+            doc.paragraph(note)
     doc.image(viz.save_png(viz.per_class_iou_figure({r["name"]: r["metrics"]["per_class_iou"] for r in records},
                                                     "Per-class IoU (single scale): baseline vs context models",
                                                     colours=colours),
@@ -354,20 +412,40 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
         doc.heading("Qualitative results (MCIBI Fig 4 layout)")
         fw, images, gts, preds, ids = qualitative_inputs(records, layout, params.evaluate.split, rc.qualitative_images)
         if images:
-            doc.image(viz.save_png(viz.qualitative_grid_figure(images, gts, preds, meta["palette"], ids,
-                                                               class_names=meta["class_names"]),
-                                   figures / "qualitative.png"),
-                      f"{params.evaluate.split} images, ground truth and the single-scale predictions of "
-                      f"{', '.join(preds)} ({fw}); colours as in the legend, black = ignore")
+            lookalike = context_classes(meta)
+            figure = viz.qualitative_grid_figure(images, gts, preds, meta["palette"], ids,
+                                                 class_names=meta["class_names"], colours=colours,
+                                                 column_models={column_title(r): r["name"] for r in records},
+                                                 named_colours=lookalike)
+            doc.image(viz.save_png(figure, figures / "qualitative.png"),
+                      qualitative_caption(params.evaluate.split, len(images), fw, list(preds), meta, lookalike))
         else:
             doc.paragraph("No prediction images to show (set `evaluate.num_visualisations` > 0).")
 
     if rc.feature_space:
-        _feature_space(doc, records, layout, meta, figures)
+        _feature_space(doc, records, layout, meta, figures, colours)
 
     _mlflow_section(doc, params, records, registry, tracking_uri)
     log.info("report built in %.1f s", time.perf_counter() - started)
     return doc
+
+
+def qualitative_caption(split: str, n: int, framework: str, columns: list[str], meta: dict,
+                        lookalike: list[str]) -> str:
+    """The qualitative grid's caption: what each column is (every model column named, as titled) and
+    the colours of the look-alike classes in words (e.g. sea = blue, lake = light blue)."""
+    from ctxseg.visualize import colour_name
+
+    names, palette = meta.get("class_names", []), meta.get("palette", [])
+    groups = ["; ".join(" vs ".join(f"{c} = {colour_name(palette[names.index(c)])}" for c in members
+                                    if c in names and names.index(c) < len(palette))
+                        for members in context_groups(meta).values())] if lookalike else []
+    models = ", ".join(columns)
+    return (f"{n} {split} image{'s' if n != 1 else ''} (one per row, id at the left), the ground truth, then the "
+            f"single-scale prediction of each of the {len(columns)} {framework} model{'s' if len(columns) != 1 else ''}"
+            f" shown, one column each: {models} (column titles and frames in each model's colour). Class colours "
+            "as in the legend under the grid; black = ignore."
+            + (f" Look-alike classes told apart only by context: {groups[0]}." if groups and groups[0] else ""))
 
 
 def _ablations(doc: Document, records: list[dict], enabled: list[str]) -> None:
@@ -387,7 +465,8 @@ def _ablations(doc: Document, records: list[dict], enabled: list[str]) -> None:
                       "`mcibi.update`, `mcibi.momentum_power`, `mcibi.rcl` (Table 2) under `models:` to get them.")
 
 
-def _feature_space(doc: Document, records: list[dict], layout: StudyLayout, meta: dict, figures: Path) -> None:
+def _feature_space(doc: Document, records: list[dict], layout: StudyLayout, meta: dict, figures: Path,
+                   colours: Optional[dict] = None) -> None:
     from ctxseg import visualize as viz
 
     doc.heading("Feature space (MCIBI Fig 3)")
@@ -395,17 +474,41 @@ def _feature_space(doc: Document, records: list[dict], layout: StudyLayout, meta
     if not panels:
         doc.paragraph("Needs a baseline and an MCIBI model of the same framework with `evaluate.feature_images` > 0.")
         return
-    doc.image(viz.save_png(viz.feature_space_figure(panels, meta["class_names"], meta["palette"]),
+    doc.image(viz.save_png(viz.feature_space_figure(panels, meta["class_names"], meta["palette"], colours),
                            figures / "feature_space.png"),
-              "PCA of per-image class-mean features at the classifier input, one panel per model, each fitted on "
-              "its own points; stars = MCIBI memory entries, projected with the MCIBI panel's axes")
-    spread = {name: viz.class_spread(p["means"], p["classes"], p.get("memory")) for name, p in panels.items()}
-    doc.paragraph("Each dot is one class in one image. With MCIBI, features of a class should gather around its "
-                  "dataset-level memory entry. Measured in the full feature space (not the 2-D projection): "
-                  + "; ".join(f"{name}: mean distance of a dot to its class centre {s['to_centre']:.3g}"
-                              + (f", to its memory entry {s['to_memory']:.3g}" if s.get("to_memory") is not None
-                                 else "") + f" (between class centres {s['between_centres']:.3g})"
-                              for name, s in spread.items()) + ".")
+              "PCA of per-image class means of the pixel representation R (the 3×3 conv features of stage 4, "
+              "before any context: the baseline's classifier input, MCIBI's R of Eq 3), one panel per model, "
+              "each fitted on its own points; stars = MCIBI's memory entries, running class averages of R "
+              "(Eq 6-10) and so in the same space, projected with the MCIBI panel's axes")
+    doc.paragraph(feature_space_text(panels))
+
+
+def feature_space_text(panels: dict) -> str:
+    """What the feature-space figure shows, measured in the full feature space (not the 2-D projection):
+    how tightly each class gathers and, for MCIBI, whether the points sit around their memory entry."""
+    from ctxseg.visualize import class_spread
+
+    parts = []
+    verdicts = []
+    for name, p in panels.items():
+        s = class_spread(p["means"], p["classes"], p.get("memory"))
+        text = (f"{name}: a dot is on average {s['to_centre']:.3g} from its class centre (class centres are "
+                f"{s['between_centres']:.3g} apart)")
+        if s.get("to_memory") is not None:
+            share = s.get("nearest_memory_own")
+            text += f", {s['to_memory']:.3g} from its class's memory entry" + (
+                f", and {100 * share:.0f}% of the dots are nearer their own class's memory entry than any other's"
+                if share is not None else "")
+            gathers = (share is not None and share >= 0.5 and s["to_memory"] <= 0.5 * s["between_centres"])
+            verdicts.append(f"In {name} the dots {'do' if gathers else 'do not'} gather around their class's memory "
+                            "entry" + (" (most are nearest their own entry, within half the distance between "
+                                       "class centres)." if gathers else
+                                       ": the memory entries sit apart from their class's points at this training "
+                                       "length, so the stars are not cluster centres here."))
+        parts.append(text)
+    return ("Each dot is one class in one image. With MCIBI, a class's features should gather around its "
+            "dataset-level memory entry. Measured in the full feature space (not the 2-D projection): "
+            + "; ".join(parts) + ". " + " ".join(verdicts)).strip()
 
 
 def _mlflow_section(doc: Document, params: Params, records: list[dict], registry: Optional[dict],

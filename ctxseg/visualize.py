@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,32 @@ def series_colours(names: Sequence[str]) -> dict[str, tuple]:
     plt = pyplot()
     cmap = plt.get_cmap("tab10") if len(names) <= 10 else plt.get_cmap("tab20")
     return {name: tuple(cmap(i % cmap.N)) for i, name in enumerate(names)}
+
+
+def colour_name(rgb: Sequence[int]) -> str:
+    """A plain-words name of an RGB colour (0-255), e.g. ``"blue"``, ``"light blue"``, ``"dark green"``.
+
+    Used where two classes have similar colours (the synthetic dataset's sea and lake are two blues):
+    the legend and caption then say which is which in words, not only by a swatch."""
+    import colorsys
+
+    r, g, b = (float(c) / 255.0 for c in rgb[:3])
+    hue, light, sat = colorsys.rgb_to_hls(r, g, b)
+    if sat < 0.2 or max(r, g, b) - min(r, g, b) < 0.08:
+        return "white" if light > 0.9 else "black" if light < 0.12 else "light grey" if light > 0.65 else \
+            "dark grey" if light < 0.35 else "grey"
+    deg = 360.0 * hue
+    names = ((15, "red"), (40, "orange"), (70, "yellow"), (160, "green"), (195, "cyan"), (260, "blue"),
+             (295, "purple"), (345, "pink"), (361, "red"))
+    name = next(n for bound, n in names if deg < bound)
+    if name == "orange" and light < 0.35:
+        name = "brown"
+    return ("dark " if light < 0.3 and name != "brown" else "light " if light > 0.65 else "") + name
+
+
+def _title_colour(colours: Optional[Mapping], name: str):
+    """The model colour of a panel / column titled with a model name (black when unknown)."""
+    return (colours or {}).get(name, "black")
 
 
 def _colour(palette: Sequence, k: int) -> tuple:
@@ -224,33 +250,69 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str 
     return fig
 
 
-def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
-                           panels: Sequence[tuple[str, str, str]] = (
-                               ("loss", "training loss", "iteration"),
-                               ("val_mIoU", "validation mIoU (%)", "epoch")),
-                           colours: Optional[Mapping] = None, loss_title: Optional[str] = None):
-    """One panel per metric (``(key, title, x label)``), one line per model. ``curves[model][key] = (x, y)``.
+def training_curves_figure(curves: Mapping[str, Mapping], colours: Optional[Mapping] = None, *,
+                           shared_term: str = "loss_o", term_labels: Optional[Mapping[str, str]] = None,
+                           x_label: str = "iteration", rising: Sequence[str] = (), shared_title: Optional[str] = None):
+    """Training curves that compare like with like: three panels, one line per model.
 
-    Panels with no data in any model are left out; ``loss_title`` renames the ``loss`` panel (say
-    which loss it shows); ``colours`` maps a model to its colour.
+    ``curves[model] = {"terms": {term: (x, y)}, "val_mIoU": (epochs, %)}``.
+
+    * left: ``shared_term`` (L_O, the CE of the final prediction, which every model has), the only
+      loss that is the same quantity for every model;
+    * middle: every other term, unweighted, as logged (the auxiliary CE for every model; MCIBI's
+      L_W and L_M only for MCIBI), one line style per term and each model's colour, labelled
+      ``model: term``. Totals are not drawn: they sum different terms for different models;
+    * right: validation mIoU per epoch; models in ``rising`` (still rising at their last epoch) get
+      "still rising" at their last point.
+
+    ``colours`` maps a model to its colour (the same mapping as every other figure of the report).
     """
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
-    if loss_title:
-        panels = [(k, loss_title if k == "loss" else t, x) for k, t, x in panels]
-    panels = [p for p in panels if any(p[0] in c for c in curves.values())] or list(panels[:1])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title, xlabel) in zip(axes[0], panels):
+    labels = dict(term_labels or {})
+    logged = set(t for c in curves.values() for t in c.get("terms", {}))
+    others = [t for t in labels if t in logged and t != shared_term] + sorted(logged - set(labels) - {shared_term})
+    everyone = [t for t in others if all(t in c.get("terms", {}) for c in curves.values() if "terms" in c)]
+    panels = ([("shared", (shared_title or labels.get(shared_term, shared_term)) + "\n(every model: like for like)")]
+              if any(shared_term in c.get("terms", {}) for c in curves.values()) else [])
+    if others:
+        some = [t for t in others if t not in everyone]
+        panels.append(("others", "other terms, unweighted: " + ", ".join(labels.get(t, t) for t in everyone)
+                       + (" (every model)" if everyone else "")
+                       + ("\n" + ", ".join(labels.get(t, t) for t in some) + " (only where a model has them)"
+                          if some else "")))
+    if any("val_mIoU" in c for c in curves.values()):
+        panels.append(("val", "validation mIoU (%)"))
+    panels = panels or [("val", "validation mIoU (%)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.7), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (kind, title) in zip(axes[0], panels):
         for name, series in curves.items():
-            if key not in series:
-                continue
-            x, y = series[key]
-            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=name,
-                    color=(colours or {}).get(name))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
+            colour = (colours or {}).get(name)
+            terms = series.get("terms", {})
+            if kind == "shared" and shared_term in terms:
+                x, y = terms[shared_term]
+                ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=name, color=colour)
+            elif kind == "others":
+                for term in others:
+                    if term in terms:
+                        x, y = terms[term]
+                        ax.plot(x, y, ls=styles[others.index(term) % len(styles)], lw=1.3, color=colour,
+                                label=f"{name}: {labels.get(term, term)}")
+            elif kind == "val" and "val_mIoU" in series:
+                x, y = series["val_mIoU"]
+                ax.plot(x, y, marker="o", markersize=3, label=name, color=colour)
+                if name in rising and len(x) >= 2:
+                    ax.annotate(f"still rising ({y[-1] - y[-2]:+.1f})", (x[-1], y[-1]), xytext=(-6, 0),
+                                textcoords="offset points", ha="right", va="bottom", fontsize=7,
+                                color=colour or "black")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch" if kind == "val" else x_label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7 if kind != "others" else 6)
     fig.tight_layout()
     return fig
 
@@ -258,11 +320,16 @@ def training_curves_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[floa
 def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequence[np.ndarray],
                             predictions: Mapping[str, Sequence[Optional[np.ndarray]]], palette: Sequence,
                             row_titles: Optional[Sequence[str]] = None,
-                            class_names: Optional[Sequence[str]] = None):
+                            class_names: Optional[Sequence[str]] = None, *, colours: Optional[Mapping] = None,
+                            column_models: Optional[Mapping[str, str]] = None,
+                            named_colours: Sequence[str] = ()):
     """MCIBI Fig 4 layout: rows = images; columns = image, ground truth, then one column per model.
 
-    With ``class_names``, a legend below the grid names the colour of every class shown (ground truth
-    or prediction) and black = ignore.
+    With ``class_names``, a legend under the grid names the colour of every class shown (ground truth
+    or prediction) and black = ignore; classes in ``named_colours`` (look-alike classes with similar
+    colours, e.g. sea and lake) also get their colour in words (:func:`colour_name`). A model column's
+    title and frame take the model's colour from ``colours`` (``column_models`` maps a column title to
+    its model name).
     """
     from matplotlib.patches import Patch
 
@@ -271,9 +338,12 @@ def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequenc
     rows = len(images)
     shown = sorted({int(k) for a in list(ground_truths) + [p for ps in predictions.values() for p in ps if p is not None]
                     for k in np.unique(a) if k < len(palette)})
-    legend_rows = math.ceil(len(shown) / max(cols + 1, 4)) if class_names else 0
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3 + 0.28 * (legend_rows + 1)),
-                             squeeze=False)
+    ncol = max(cols, 4)
+    legend_rows = math.ceil((len(shown) + 1) / ncol) if class_names else 0
+    legend_h = 0.26 * legend_rows + 0.15 if legend_rows else 0.0
+    fig = plt.figure(figsize=(1.9 * cols, 1.95 * rows + 0.35 + legend_h))
+    grid = fig.add_gridspec(rows + (1 if legend_rows else 0), cols,
+                            height_ratios=[1.9] * rows + ([legend_h] if legend_rows else []))
     titles = ["image", "ground truth"] + list(predictions)
     for r in range(rows):
         cells = [images[r], colorize(ground_truths[r], palette)]
@@ -281,35 +351,51 @@ def qualitative_grid_figure(images: Sequence[np.ndarray], ground_truths: Sequenc
             pred = predictions[name][r]
             cells.append(None if pred is None else colorize(pred, palette))
         for c, cell in enumerate(cells):
-            ax = axes[r][c]
+            ax = fig.add_subplot(grid[r, c])
             ax.set_xticks([])
             ax.set_yticks([])
+            model = (column_models or {}).get(titles[c], titles[c]) if c >= 2 else None
+            if model is not None and colours and model in colours:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colours[model])
+                    spine.set_linewidth(2.5)
             if cell is None:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
             else:
                 ax.imshow(cell, interpolation="nearest")
             if r == 0:
-                ax.set_title(titles[c], fontsize=9)
+                ax.set_title(titles[c], fontsize=9, color=_title_colour(colours, model) if model else "black",
+                             fontweight="bold" if model else "normal")
             if c == 0 and row_titles:
                 ax.set_ylabel(row_titles[r], fontsize=7)
-    if class_names:
-        handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="0.4",
-                         label=class_names[k] if k < len(class_names) else str(k)) for k in shown]
-        handles.append(Patch(facecolor="black", edgecolor="0.4", label="ignore"))
-        fig.legend(handles=handles, loc="lower center", ncol=max(cols + 1, 4), fontsize=7, frameon=False)
-        height = fig.get_size_inches()[1]
-        fig.tight_layout(rect=(0, 0.28 * (legend_rows + 1) / height, 1, 1))
-    else:
-        fig.tight_layout()
+    if legend_rows:
+        lax = fig.add_subplot(grid[rows, :])
+        lax.axis("off")
+        handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="0.3",
+                         label=legend_label(k, class_names, palette, named_colours)) for k in shown]
+        handles.append(Patch(facecolor="black", edgecolor="0.3", label="ignore"))
+        lax.legend(handles=handles, loc="center", ncol=ncol, fontsize=8, frameon=False, handlelength=1.6,
+                   handleheight=1.1, columnspacing=1.2)
+    fig.tight_layout(pad=0.4, h_pad=0.3, w_pad=0.3)
     return fig
 
 
-def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str], palette: Sequence):
-    """MCIBI Fig 3: per model a 2-D PCA of per-image class-mean features, coloured by class.
+def legend_label(k: int, class_names: Sequence[str], palette: Sequence, named_colours: Sequence[str] = ()) -> str:
+    """A class's legend entry: its name, and its colour in words when it is one of ``named_colours``."""
+    name = class_names[k] if k < len(class_names) else str(k)
+    return f"{name} ({colour_name(palette[k])})" if name in named_colours and k < len(palette) else name
 
-    ``panels[model] = {"means": [N, C], "classes": [N], "memory": [K, C] or None}``. The PCA of each
-    panel is fitted on that model's own points (the models' feature spaces differ); memory entries,
-    projected with the same axes, are drawn as large black-edged stars.
+
+def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str], palette: Sequence,
+                         colours: Optional[Mapping] = None):
+    """MCIBI Fig 3: per model a 2-D PCA of per-image class means of the pixel representation R,
+    coloured by class.
+
+    ``panels[title] = {"model": name, "means": [N, C], "classes": [N], "memory": [K, C] or None}``; the
+    means and the memory must be in one space (the evaluate stage stores MCIBI's R, the features the
+    memory averages). The PCA of each panel is fitted on that model's own points (the models' feature
+    spaces differ); memory entries, projected with the same axes, are drawn as large black-edged
+    stars in their class's colour. Panel titles take the model's colour from ``colours``.
     """
     plt = pyplot()
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 4.2), squeeze=False)
@@ -333,7 +419,7 @@ def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str],
                 ax.scatter([x], [y], s=140, marker="*", color=_colour(palette, k), edgecolors="black", linewidths=0.8)
             ax.scatter([], [], s=140, marker="*", color="white", edgecolors="black", label="memory entry")
             ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"{name}", fontsize=10)
+        ax.set_title(f"{name}", fontsize=10, color=_title_colour(colours, data.get("model", name)), fontweight="bold")
         ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.)")
         ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.)")
         ax.grid(alpha=0.2)
@@ -348,7 +434,8 @@ def feature_space_figure(panels: Mapping[str, dict], class_names: Sequence[str],
 
 
 def heatmap_figure(grid: np.ndarray, row_labels: Sequence, col_labels: Sequence, xlabel: str, ylabel: str,
-                   title: str, fmt: str = "{:.1f}", notes: Optional[Sequence[Sequence[str]]] = None):
+                   title: str, fmt: str = "{:.1f}", notes: Optional[Sequence[Sequence[str]]] = None,
+                   title_colour: Any = "black"):
     """Annotated heatmap (e.g. the K x H mIoU grid of CFNet Table 3); NaN cells are blank.
 
     ``notes[i][j]`` (e.g. how many epochs the cell's trial ran) is printed under the value."""
@@ -369,30 +456,43 @@ def heatmap_figure(grid: np.ndarray, row_labels: Sequence, col_labels: Sequence,
                 ax.text(j, i, fmt.format(g[i, j]) + (f"\n{note}" if note else ""), ha="center", va="center",
                         fontsize=9 if not note else 8, color="black" if g[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_title(title)
+    ax.set_title(title, color=title_colour)
     fig.tight_layout()
     return fig
 
 
-def sweep_scatter_figure(series: Mapping[str, tuple], ylabel: str = "mIoU (%)"):
+def sweep_scatter_figure(series: Mapping[str, tuple], ylabel: str = "mIoU (%)", colours: Optional[Mapping] = None):
     """One panel per swept key: every trial's mIoU against the key's value, the best per value joined.
 
-    ``series[key] = (x, y)`` or ``(x, y, stopped_early)``: trials stopped early are drawn hollow."""
+    ``series[key] = (x, y, stopped_early, models[, epochs])``: a trial is drawn in its model's colour
+    (``colours``, the report's one mapping), filled when it ran every epoch and hollow when ASHA stopped
+    it early; with ``epochs``, each point is labelled with the epochs its trial ran ("2 ep")."""
     plt = pyplot()
     keys = list(series)
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.1), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.8 * max(len(keys), 1), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         x, y = (np.asarray(v, dtype=np.float64) for v in series[key][:2])
         stopped = np.asarray(series[key][2] if len(series[key]) > 2 else [False] * len(x), dtype=bool)
-        if (~stopped).any():
-            ax.scatter(x[~stopped], y[~stopped], s=16, alpha=0.8, color="C0", label="ran to the end")
-        if stopped.any():
-            ax.scatter(x[stopped], y[stopped], s=16, facecolors="none", edgecolors="C0", label="stopped early (ASHA)")
+        models = list(series[key][3]) if len(series[key]) > 3 else [""] * len(x)
+        epochs = list(series[key][4]) if len(series[key]) > 4 else []
+        for xi, yi, e in zip(x, y, epochs):
+            if e is not None and np.isfinite(e):
+                ax.annotate(f"{int(e)} ep", (xi, yi), xytext=(4, -9), textcoords="offset points", fontsize=6,
+                            color="0.3")
+        for model in dict.fromkeys(models):
+            colour = (colours or {}).get(model, "0.3")
+            sel = np.asarray([m == model for m in models])
+            done, cut = sel & ~stopped, sel & stopped
+            if done.any():
+                ax.scatter(x[done], y[done], s=22, color=colour, label=f"{model}: ran every epoch".lstrip(": "))
+            if cut.any():
+                ax.scatter(x[cut], y[cut], s=22, facecolors="none", edgecolors=colour, linewidths=1.3,
+                           label=f"{model}: stopped early (ASHA)".lstrip(": "))
         if len(x):
             xs = np.unique(x)
             best = [np.nanmax(y[x == v]) for v in xs]
-            ax.plot(xs, best, color="C1", lw=1, label="best per value")
-            ax.legend(fontsize=7)
+            ax.plot(xs, best, color="0.45", lw=1, ls="--", label="best per value", zorder=0)
+            ax.legend(fontsize=6)
         ax.set_xlabel(key)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -405,7 +505,8 @@ def class_spread(means: np.ndarray, classes: np.ndarray, memory: Optional[np.nda
 
     ``to_centre``: mean distance of a point to its class's mean point; ``to_memory``: mean distance
     of a point to its class's memory entry (when ``memory`` is given); ``between_centres``: mean
-    distance between class means (the scale to compare the two with).
+    distance between class means (the scale to compare the two with); ``nearest_memory_own``: the
+    share of points whose nearest memory entry (among the classes present) is their own class's.
     """
     means = np.asarray(means, dtype=np.float64)
     classes = np.asarray(classes)
@@ -419,4 +520,8 @@ def class_spread(means: np.ndarray, classes: np.ndarray, memory: Optional[np.nda
         mem = np.asarray(memory, dtype=np.float64)
         out["to_memory"] = float(np.mean([np.linalg.norm(m - mem[int(k)]) for m, k in zip(means, classes)
                                           if int(k) < len(mem)]))
+        rows = np.asarray([int(k) for k in present if int(k) < len(mem)])
+        if len(rows):
+            dist = np.linalg.norm(means[:, None, :] - mem[rows][None], axis=2)
+            out["nearest_memory_own"] = float(np.mean(rows[dist.argmin(1)] == classes))
     return out

@@ -9,7 +9,8 @@ Writes (all atomically):
   output): model info and MLflow ``run_id``, per-class IoU and accuracy, the ``ms_flip`` block with its
   per-class IoU, scales and flip, timing, parameter count;
 * ``plots/<model>/per_class_iou.json`` (DVC bar plot: IoU, ms+flip IoU and accuracy per class),
-  ``plots/<model>/confusion.png`` (DVC image plot) and ``plots/<model>/confusion.json`` (the pixel-count matrix, rows = ground truth);
+  ``plots/<model>/confusion.png`` (DVC image plot) and ``plots/<model>/confusion.json`` (the
+  pixel-count matrix, rows = ground truth);
 * ``plots/<model>/predictions/<id>.png`` — palette PNGs (pixel value = class id) of a fixed sample;
 * ``plots/<model>/features.npz`` — per-image class-mean features at the classifier input and, for
   MCIBI, the memory (the report's feature-space figure);

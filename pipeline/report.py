@@ -32,7 +32,8 @@ log = logging.getLogger("ctxseg.report")
 
 
 def loss_histories(params: Params, paths: common.Paths, records: list[dict]) -> dict[str, dict]:
-    """model -> {"loss": (steps, values), "loss_o": ...} from the models' MLflow runs ({} without MLflow)."""
+    """model -> {"loss_o": (steps, values), "loss_aux": ..., ...}: every loss term (``loss_*``) each
+    model's MLflow run logged, per iteration; {} without MLflow (the report then uses run.json)."""
     if not params.report.training_curves_from_mlflow or not any(r["run_id"] for r in records):
         return {}
     client = reachable_client(params, paths)
@@ -42,14 +43,15 @@ def loss_histories(params: Params, paths: common.Paths, records: list[dict]) -> 
     for r in records:
         if not r["run_id"]:
             continue
-        for key in ("loss", LOSS_KEY):
-            try:
+        try:
+            keys = sorted(k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("loss_")) or [LOSS_KEY]
+            for key in keys:
                 points = sorted(client.get_metric_history(r["run_id"], key), key=lambda m: m.step)
-            except Exception as err:  # a deleted run or an unreachable server: fall back to run.json
-                log.warning("[%s] no %s history from MLflow (%s); using run.json", r["name"], key, err)
-                break
-            if points:
-                out.setdefault(r["name"], {})[key] = ([m.step for m in points], [m.value for m in points])
+                if points:
+                    out.setdefault(r["name"], {})[key] = ([m.step for m in points], [m.value for m in points])
+        except Exception as err:  # a deleted run or an unreachable server: fall back to run.json
+            log.warning("[%s] no loss history from MLflow (%s); using run.json", r["name"], err)
+            out.pop(r["name"], None)
     return out
 
 

@@ -23,8 +23,9 @@ MODELS = {
     "fcn_mcibi_weighted": ({"context": "mcibi", "mcibi": {"fusion": "weighted_add"}}, 0.42, 0.44),
     "fcn_mcibi_mean": ({"context": "mcibi", "mcibi": {"update": "mean", "rcl": False}}, 0.44, 0.45),
     "pspnet": ({"framework": "pspnet", "context": "none"}, 0.50, 0.52),
-    "pspnet_acf": ({"framework": "pspnet", "context": "acf"}, 0.49, 0.515),
+    "pspnet_acf": ({"framework": "pspnet", "context": "acf", "channels": 32}, 0.49, 0.515),
 }
+FLAT = "pspnet"  # its validation curve has flattened; every other model's is still rising
 
 # the layout pipeline/tune.py writes: fixed columns, then one column per swept key (empty when not swept)
 SWEEP_CSV = """sweep,trial_id,model,status,epochs,iterations,final_mIoU,best_mIoU,seed,repeat_of,mlflow_run_id,acf.mixtures,acf.heads,mcibi.momentum,mcibi.alpha,mcibi.beta
@@ -50,6 +51,7 @@ def fabricate(root: Path, *, sweep: bool = True, **report) -> tuple:
     make_prepared(paths.prepared, n=2, size=16)
     meta = json.loads((paths.prepared / "meta.json").read_text())
     meta["synthetic"] = {"groups": {"water": ["sea", "lake"]}}  # look-alikes told apart only by context
+    meta["image_size_range"] = {"val": {"min_hw": [16, 16], "max_hw": [16, 16]}}
     (paths.prepared / "meta.json").write_text(json.dumps(meta))
     rng = np.random.default_rng(0)
     for i, (name, (_, miou, ms)) in enumerate(MODELS.items()):
@@ -62,7 +64,10 @@ def fabricate(root: Path, *, sweep: bool = True, **report) -> tuple:
         (paths.metrics / f"{name}.details.json").write_text(json.dumps(metrics))  # what report/register read
         run_dir = paths.model_dir(name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        history = [{"epoch": e, "iteration": 5 * e, "train_loss": 2.0 / e, "val_mIoU": miou * e / 2} for e in (1, 2)]
+        history = [{"epoch": e, "iteration": 5 * e, "train_loss": 2.0 / e + (9.0 if "mcibi" in name else 0.0),
+                    "train_loss_o": 1.0 / e, "train_loss_aux": 1.2 / e,
+                    **({"train_loss_w": 1.1 / e, "train_loss_m": 2.5 / e} if "mcibi" in name else {}),
+                    "val_mIoU": miou if name == FLAT else miou * e / 2} for e in (1, 2)]
         (run_dir / "run.json").write_text(json.dumps({"run_id": None, "history": history, "epochs": 2}))
         plots = paths.plots / name
         (plots / "predictions").mkdir(parents=True, exist_ok=True)
@@ -111,20 +116,35 @@ def test_report_builds_every_table_from_fabricated_outputs(tmp_path):
     assert "| fcn_mcibi_mean | random | mean | poly (p=0.9) | ✗ | 44.00 | +4.00 | – |" in t2
     # sweep: the K x H grid keeps the best trial per cell (t3/t4 -> 40.00); the failed trial is blank
     assert "CFNet Table 3" in md
-    assert "| 2 | 36.00 | 40.00 |" in md and "| 1 | 31.00 | – |" in md
+    # every score carries the epochs its trial ran: t4's 40.00 was reached in 2 of 4 epochs (ASHA)
+    assert "| 2 | 36.00 (4 ep) | 40.00 (2 ep, stopped early) |" in md and "| 1 | 31.00 (4 ep) | – |" in md
     assert "8 trials (5 COMPLETED, 1 ERROR, 2 STOPPED)" in md
-    assert "| 0.5 | 44.00 | 1 |" in md and "| 0.9 | 42.00 | 2 |" in md  # mIoU against m0
+    assert "(`fcn_acf`: 2, 4 epochs; `fcn_mcibi`: 2, 4 epochs)" in md
+    assert "| 0.5 | 44.00 (4 ep) | 1 |" in md and "| 0.9 | 42.00 (4 ep) | 2 |" in md  # mIoU against m0
+    assert "| 0.8 | 40.00 (2 ep, stopped early) | 1 |" in md  # mIoU against alpha: t8 stopped at 2 epochs
+    # every trial, one row each, with the epochs it ran
+    assert "| t4 | fcn_acf | 2 | 4 | 40.00 | 2 ep, stopped early | STOPPED |" in md
+    assert "| t3 | fcn_acf | 2 | 4 | 38.00 | 4 ep | COMPLETED |" in md
+    assert "| t5 | fcn_acf | 1 | 4 | – | 0 ep, failed | ERROR |" in md
+    assert "| t8 | fcn_mcibi | 0.9 | 0.8 | 0.5 | 40.00 | 2 ep, stopped early | STOPPED |" in md
     assert "mIoU against mcibi.alpha" in md and "mIoU against mcibi.beta" in md
-    assert "`fcn_acf`: trial `t4` (acf.mixtures=2, acf.heads=4), mIoU 40.00%" in md
+    assert "`fcn_acf`: trial `t4` (acf.mixtures=2, acf.heads=4), mIoU 40.00% after 2 ep, stopped early" in md
     assert "`fcn_mcibi`: trial `t7` (mcibi.momentum=0.5, mcibi.alpha=0.4, mcibi.beta=1), mIoU 44.00%" in md
     # the seed repeats (r1, r2) are not grid cells: (1, 1) keeps t1's 31.00 above; they give the noise level
-    assert "| t4 | 40.00 | 37.00 | -3.00 |" in md and "| t1 | 31.00 | 33.00 | +2.00 |" in md
+    assert "| t4 | 40.00 | 37.00 | -3.00 | 2 |" in md and "| t1 | 31.00 | 33.00 | +2.00 | 4 |" in md
     assert ("`acf_kxh`: Grid spread 9.00 mIoU points; seed-to-seed spread of the repeated configurations 3.00. "
             "The grid's spread exceeds twice the seed noise") in md
     assert "`mcibi_loss`: No seed repeats ran" in md
     assert "acf.heads: 4" in md  # tune/best.yaml
+    # complexity of the models trained here, as configured: params, FLOPs and CPU latency on one val image
+    assert "## Complexity" in md and "CPU latency (ms, 16×16)" in md
+    cost = md[md.index("## Complexity"):md.index("### Complexity (MCIBI Table 3)")]
+    assert re.search(r"\| fcn \| resnet_tiny \| 64 \| 1\.50 \|  \| [\d.]+ \|  \| [\d.]+ \|  \|", cost), cost
+    assert re.search(r"\| pspnet_acf \| resnet_tiny \| 32 \| 1\.50 \| \+0\.00 \| [\d.]+ \| -[\d.]+ \| [\d.]+ \| [+-][\d.]+ \|",
+                     cost), cost  # 32 channels as configured: fewer FLOPs than its 64-channel baseline
+    assert "ms CPU latency per image" in md  # in the headline, as trained here
     # complexity: ours in both conventions beside the paper's figures, labelled as such
-    assert "Complexity (MCIBI Table 3)" in md and "paper: params (M)" in md and "V100" in md
+    assert "### Complexity (MCIBI Table 3)" in md and "paper: params (M)" in md and "V100" in md
     assert "GFLOPs (2/MAC, with attention)" in md and "GMACs (layers only)" in md and "paper: GMACs" in md
     # ours: params, GFLOPs, GMACs, measured latency; then the paper's params, GMACs and V100 time
     assert re.search(r"\| DCA \| 15\.16 \| 773\.8 \| 248\.2 \| [\d.]+ \| 14\.82 \| 242\.8 \| 47\.6 \|", md)
@@ -155,7 +175,7 @@ def test_report_without_sweep_or_ablations(tmp_path):
     assert "No sweep results" in md
     assert "MCIBI Table 1" not in md and "MCIBI Table 2" not in md
     assert "No ablation runs" in md
-    assert "## Complexity" not in md and "GFLOPs" not in md
+    assert "Complexity" not in md and "GFLOPs" not in md
     assert not (paths.reports / "figures" / "feature_space.png").exists()
 
 
@@ -190,3 +210,142 @@ def test_sweep_without_trials_says_so(tmp_path):
     md = write_report(params, paths).read_text()
     assert "No sweep results: `tune/results.csv` holds no trials." in md
     assert "CFNet Table 3" not in md
+
+
+def _spy(monkeypatch, module, names: list[str]) -> dict:
+    """Wrap figure functions of ``module``: record each call's arguments and returned figure."""
+    calls: dict = {n: [] for n in names}
+    for name in names:
+        real = getattr(module, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            fig = _real(*args, **kwargs)
+            calls[_name].append({"args": args, "kwargs": kwargs, "fig": fig})
+            return fig
+
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_one_colour_per_model_in_every_figure(tmp_path, monkeypatch):
+    """Every figure that shows models gets the same model -> colour mapping and draws each model in it."""
+    from matplotlib.colors import to_rgba
+
+    import ctxseg.visualize as viz
+    from ctxseg.study import StudyLayout, collect_results, model_colours
+    from pipeline.report import write_report
+
+    params, paths = fabricate(tmp_path, complexity=False)
+    figures = ["training_curves_figure", "per_class_iou_figure", "per_class_delta_figure", "qualitative_grid_figure",
+               "feature_space_figure", "sweep_scatter_figure", "heatmap_figure"]
+    originals = {n: getattr(viz, n) for n in figures}
+    calls = _spy(monkeypatch, viz, figures)
+    write_report(params, paths)
+    expected = model_colours(collect_results(params, StudyLayout.from_paths(paths)))
+    assert len(set(expected.values())) == len(MODELS)  # one distinct colour per model
+    mappings = []
+    for name in figures:
+        assert len(calls[name]) >= 1, name
+        for call in calls[name]:
+            sig = originals[name].__code__.co_varnames
+            mapping = call["kwargs"].get("colours")
+            if mapping is None and "colours" in sig[:len(call["args"])]:
+                mapping = call["args"][sig.index("colours")]
+            if name == "heatmap_figure":
+                assert to_rgba(call["kwargs"]["title_colour"]) == to_rgba(expected["fcn_acf"])
+                continue
+            assert mapping == expected, name
+            mappings.append(mapping)
+    assert all(m is mappings[0] for m in mappings)  # literally one mapping object
+
+    def rgba(c):
+        return tuple(round(v, 4) for v in to_rgba(c))
+
+    # ... and each figure draws a model in that colour
+    fig = calls["training_curves_figure"][0]["fig"]
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            model = line.get_label().split(":")[0]
+            if model in expected:
+                assert rgba(line.get_color()) == rgba(expected[model]), (ax.get_title(), line.get_label())
+    bars = calls["per_class_iou_figure"][0]["fig"].axes[0]
+    for container in bars.containers:
+        assert rgba(container.patches[0].get_facecolor()) == rgba(expected[container.get_label()])
+    grid = calls["qualitative_grid_figure"][0]["fig"]
+    titled = {ax.get_title(): ax.title.get_color() for ax in grid.axes if ax.get_title()}
+    for title in ("fcn (baseline)", "fcn_mcibi (+MCIBI)", "fcn_acf (+ACF)"):
+        assert rgba(titled[title]) == rgba(expected[title.split(" ")[0]]), title
+    space = calls["feature_space_figure"][0]["fig"]
+    assert {ax.get_title(): rgba(ax.title.get_color()) for ax in space.axes if ax.get_title()} == {
+        "fcn (baseline)": rgba(expected["fcn"]), "fcn_mcibi (+MCIBI)": rgba(expected["fcn_mcibi"])}
+    scatter = calls["sweep_scatter_figure"][0]["fig"]
+    for ax in scatter.axes:
+        for coll in ax.collections:
+            model = coll.get_label().split(":")[0]
+            colour = coll.get_facecolor() if len(coll.get_facecolor()) and coll.get_facecolor()[0][3] > 0 \
+                else coll.get_edgecolor()
+            assert rgba(colour[0]) == rgba(expected[model]), coll.get_label()
+
+
+def test_qualitative_grid_legend_and_caption_match_what_it_shows(tmp_path, monkeypatch):
+    import ctxseg.visualize as viz
+    from pipeline.report import write_report
+
+    params, paths = fabricate(tmp_path, sweep=False, complexity=False, feature_space=False)
+    calls = _spy(monkeypatch, viz, ["qualitative_grid_figure"])
+    md = write_report(params, paths).read_text()
+    fig = calls["qualitative_grid_figure"][0]["fig"]
+    columns = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert columns == ["image", "ground truth", "fcn (baseline)", "fcn_mcibi (+MCIBI)", "fcn_acf (+ACF)"]
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    # every class shown is named, the look-alike blues with their colour in words, and ignore
+    assert legend == ["sea (blue)", "lake (light blue)", "ship", "swan", "ignore"]
+    caption = md[md.index("## Qualitative"):md.index("## Feature space") if "## Feature space" in md else None]
+    caption = caption[caption.index("*") + 1:]
+    for title in columns[2:]:
+        assert title in caption  # the caption names every model column it shows, not one
+    assert "each of the 3 fcn models" in caption and "sea = blue vs lake = light blue" in caption
+
+
+def test_loss_panel_compares_like_with_like_and_still_rising_note(tmp_path, monkeypatch):
+    import ctxseg.visualize as viz
+    from pipeline.report import write_report
+
+    params, paths = fabricate(tmp_path, sweep=False, complexity=False, feature_space=False, qualitative_images=0)
+    calls = _spy(monkeypatch, viz, ["training_curves_figure"])
+    md = write_report(params, paths).read_text()
+    fig = calls["training_curves_figure"][0]["fig"]
+    shared, others, val = fig.axes
+    assert shared.get_title().startswith("L_O: CE of the final prediction")
+    # left: L_O of every model (1.0 / epoch), never a total (which differs: MCIBI's adds L_W and L_M)
+    assert {ln.get_label(): list(ln.get_ydata()) for ln in shared.get_lines()} == {n: [1.0, 0.5] for n in MODELS}
+    labels = {ln.get_label(): list(ln.get_ydata()) for ln in others.get_lines()}
+    assert labels["fcn_mcibi: L_W"] == [1.1, 0.55] and labels["fcn_mcibi: L_M"] == [2.5, 1.25]
+    assert labels["fcn: L_aux"] == [1.2, 0.6] and "fcn: L_W" not in labels
+    assert not any(max(y) > 3 for y in labels.values())  # no total (2 + 9 for MCIBI) anywhere
+    assert "L_W = MCIBI's CE of H1(R)" in md and "the totals are not drawn" in md
+    # the note names the rising curves with their last gain, and not the flat one
+    note = md[md.index("**Still rising at the last epoch**"):]
+    note = note[:note.index("\n")]
+    assert "`fcn` +20.00 points (epoch 1 → 2, to 40.00%)" in note
+    assert "Flattened: `pspnet` (+0.00)" in note
+    rising = note[:note.index("Flattened")]
+    assert "`pspnet`" not in rising and all(f"`{n}`" in rising for n in MODELS if n != FLAT)
+    annotated = {t.get_text() for t in val.texts}
+    assert annotated == {"still rising (+20.0)", "still rising (+22.5)", "still rising (+21.5)",
+                         "still rising (+20.5)", "still rising (+21.0)", "still rising (+22.0)",
+                         "still rising (+24.5)"}
+
+
+def test_no_still_rising_note_when_every_curve_is_flat(tmp_path):
+    from pipeline.report import write_report
+
+    params, paths = fabricate(tmp_path, sweep=False, complexity=False, feature_space=False, qualitative_images=0)
+    for run_file in paths.models.glob("*/run.json"):
+        run = json.loads(run_file.read_text())
+        for h in run["history"]:
+            h["val_mIoU"] = 0.4 + 0.002 * h["epoch"]  # +0.2 points in the last epoch: flattened
+        run_file.write_text(json.dumps(run))
+    md = write_report(params, paths).read_text()
+    assert "Still rising" not in md
+    assert "Every validation curve has flattened: none gained more than 0.5 mIoU points" in md

@@ -51,3 +51,49 @@ def test_overlay_and_palette_png():
     assert img.mode == "P" and np.array_equal(np.asarray(img), label)
     assert np.asarray(img.convert("RGB"))[0, 1].tolist() == [40, 50, 60]
     assert np.asarray(img.convert("RGB"))[1, 0].tolist() == [0, 0, 0]  # ignore is black
+
+
+def test_colour_names_tell_the_look_alike_classes_apart():
+    from ctxseg.visualize import colour_name
+
+    # the synthetic dataset's sea and lake, desert and beach
+    assert colour_name((0, 70, 200)) == "blue" and colour_name((80, 170, 255)) == "light blue"
+    assert colour_name((230, 200, 90)) == "yellow" and colour_name((255, 150, 70)) == "orange"
+    assert colour_name((20, 90, 40)) == "dark green" and colour_name((128, 128, 128)) == "grey"
+    assert colour_name((255, 255, 255)) == "white" and colour_name((0, 0, 0)) == "black"
+
+
+def test_feature_space_text_says_whether_points_gather_around_the_memory():
+    from ctxseg.study import feature_space_text
+    from ctxseg.visualize import class_spread
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    classes = np.repeat(np.arange(3), 20)
+    means = centres[classes] + 0.5 * rng.normal(size=(60, 2))
+    near = class_spread(means, classes, centres)
+    assert near["nearest_memory_own"] == 1.0 and near["to_memory"] < 1.0
+    far = class_spread(means, classes, centres[[1, 2, 0]])  # every entry sits on another class
+    assert far["nearest_memory_own"] == 0.0
+    panel = {"model": "m", "means": means, "classes": classes}
+    text = feature_space_text({"m": {**panel, "memory": centres}})
+    assert "the dots do gather around their class's memory entry" in text
+    text = feature_space_text({"m": {**panel, "memory": centres[[1, 2, 0]]}})
+    assert "the dots do not gather" in text and "0% of the dots are nearer their own class's memory entry" in text
+
+
+def test_sweep_scatter_marks_each_trial_with_its_epochs_and_model_colour():
+    from matplotlib.colors import to_rgba
+
+    from ctxseg.visualize import sweep_scatter_figure
+
+    colours = {"fcn_mcibi": (1.0, 0.5, 0.0, 1.0)}
+    fig = sweep_scatter_figure({"m0": ([0.5, 0.9, 0.7], [44.0, 40.0, 42.0], [False, True, False],
+                                       ["fcn_mcibi"] * 3, [4, 2, 4])}, colours=colours)
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["2 ep", "4 ep", "4 ep"]
+    filled, hollow = ax.collections[:2]
+    assert filled.get_label() == "fcn_mcibi: ran every epoch" and len(filled.get_offsets()) == 2
+    assert hollow.get_label() == "fcn_mcibi: stopped early (ASHA)" and len(hollow.get_offsets()) == 1
+    assert tuple(filled.get_facecolor()[0]) == to_rgba(colours["fcn_mcibi"])
+    assert tuple(hollow.get_edgecolor()[0]) == to_rgba(colours["fcn_mcibi"])
