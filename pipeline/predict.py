@@ -8,9 +8,12 @@ URI (``runs:/<run id>/model``, ``models:/<registered name>@best``) or a bare MLf
 input image ``<stem>`` it writes, at the input's size:
 
 * ``<stem>_mask.png`` — palette PNG: shows the class colours; its pixel values are the class ids;
-* ``<stem>_overlay.png`` — the colour mask blended over the image;
 
-and ``predictions.json`` (model, classes, files). Class names and palette come from ``--meta`` (a
+and, for people to look at, ``<stem>_overlay.png``: the class colours blended over the image
+(``--alpha``), class boundaries drawn, a legend of the classes present under it, and a small image
+enlarged by a whole factor until its short side reaches ``--overlay-min-side`` (the class map with
+nearest-neighbour sampling); see :func:`ctxseg.prediction.display_overlay`. ``predictions.json``
+lists the model, the classes and, per image, its files, class shares and overlay scale. Class names and palette come from ``--meta`` (a
 prepared dataset's ``meta.json``), the model file or the dataset the model was trained on.
 
 Every form of MODEL ends in the same weights-only model file: an MLflow URI is resolved to the run
@@ -30,8 +33,8 @@ import torch
 from ctxseg.checkpoint import ModelFile, load_model, read_model_file
 from ctxseg.config import load_params
 from ctxseg.io import write_json
-from ctxseg.prediction import (PredictError, class_fractions, list_images, output_stems, predict_image, read_rgb,
-                               resolve_classes, write_mask_and_overlay)
+from ctxseg.prediction import (DISPLAY_MIN_SIDE, OVERLAY_ALPHA, PredictError, class_fractions, list_images,
+                               output_stems, predict_image, read_rgb, resolve_classes, write_mask_and_overlay)
 from pipeline import common, mlflow_store
 from pipeline.model_store import download_model_file
 
@@ -76,8 +79,9 @@ def _device(name: str) -> torch.device:
 
 
 def run_predict(model_source: str, input_path: Path, output: Path, *, params_file: Optional[Path] = None,
-                meta_file: Optional[Path] = None, alpha: float = 0.5, device: str = "auto",
-                short_side: Optional[int] = None, **inference) -> list[dict]:
+                meta_file: Optional[Path] = None, alpha: float = OVERLAY_ALPHA, device: str = "auto",
+                short_side: Optional[int] = None, overlay_min_side: int = DISPLAY_MIN_SIDE,
+                **inference) -> list[dict]:
     from tqdm import tqdm
 
     from ctxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -103,10 +107,11 @@ def run_predict(model_source: str, input_path: Path, output: Path, *, params_fil
         image = images[f]
         mask = predict_image(model, image, mean, std, device=dev, short_side=short_side, **inference)
         mask_file, overlay_file = output / f"{stem}_mask.png", output / f"{stem}_overlay.png"
-        write_mask_and_overlay(mask, image, palette, mask_file, overlay_file, alpha)
+        shown = write_mask_and_overlay(mask, image, palette, mask_file, overlay_file, alpha, class_names,
+                                       overlay_min_side)
         written.append({"input": str(f), "mask": mask_file.name, "overlay": overlay_file.name,
                         "size": [int(image.shape[0]), int(image.shape[1])],
-                        "classes": class_fractions(mask, class_names)})
+                        "classes": class_fractions(mask, class_names), "overlay_scale": shown["scale"]})
     write_json(output / "predictions.json", {"model": record.source, "model_name": record.model_name,
                                               "num_classes": record.num_classes, "class_names": class_names,
                                               "inference": {"short_side": short_side, **inference},
@@ -139,17 +144,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--scales", default="1.0", help="comma-separated test scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
     parser.add_argument("--short-side", type=int, default=None, help="resize the short side for inference")
-    parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (0-1)")
+    parser.add_argument("--alpha", type=float, default=OVERLAY_ALPHA, help="mask opacity in the overlay (0-1)")
+    parser.add_argument("--overlay-min-side", type=int, default=DISPLAY_MIN_SIDE,
+                        help="enlarge overlays of smaller images to this short side (0: the input's size)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         raise PredictError(f"--alpha {args.alpha}: must be between 0 and 1")
     if args.crop_size < 1 or args.stride < 1:
         raise PredictError("--crop-size and --stride must be positive")
-    run_predict(args.model, args.input, args.output, params_file=Path(args.params), meta_file=args.meta,
-                alpha=args.alpha, device=args.device, short_side=args.short_side, mode=args.mode,
-                crop_size=args.crop_size, stride=args.stride, scales=_scales(args.scales), flip=args.flip)
-    print(args.output)
+    written = run_predict(args.model, args.input, args.output, params_file=Path(args.params), meta_file=args.meta,
+                          alpha=args.alpha, device=args.device, short_side=args.short_side, mode=args.mode,
+                          crop_size=args.crop_size, stride=args.stride, scales=_scales(args.scales), flip=args.flip,
+                          overlay_min_side=args.overlay_min_side)
+    log.info("%d mask(s) and overlay(s) written to %s", len(written), args.output)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,28 @@ def test_predict_writes_masks_of_the_input_size_and_overlays(tmp_path, model_fil
         with torch.no_grad():
             expected = model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])["logits"].argmax(1)[0].numpy()
         assert np.array_equal(mask, expected)
+        # the overlay is for reading: enlarged by a whole factor towards a 512 px short side (at most 8x),
+        # strong tint, class boundaries drawn, a legend strip under it
+        shown = next(e for e in report["images"] if e["mask"] == f"{stem}_mask.png")
+        scale = min(8, -(-512 // min(image.shape[:2])))
+        assert shown["overlay_scale"] == scale > 1
         with Image.open(out / f"{stem}_overlay.png") as ov:
             overlay = np.asarray(ov)
-        assert overlay.shape == image.shape
-        colours = np.asarray(PALETTE, dtype=np.float32)[mask]
-        assert np.abs(overlay.astype(np.float32) - (0.5 * image + 0.5 * colours)).max() <= 1.0
+        h, w = image.shape[0] * scale, image.shape[1] * scale
+        assert overlay.shape[1] == w and overlay.shape[0] > h  # the legend strip below the image
+        big = mask.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour: every label pixel a scale x scale block
+        up = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+        expected = 0.4 * up + 0.6 * np.asarray(PALETTE, dtype=np.float32)[big]
+        edge = np.zeros(big.shape, bool)
+        edge[:, 1:] |= big[:, 1:] != big[:, :-1]
+        edge[:, :-1] |= big[:, 1:] != big[:, :-1]
+        edge[1:] |= big[1:] != big[:-1]
+        edge[:-1] |= big[1:] != big[:-1]
+        assert edge.any() and (overlay[:h][edge] == 0).all()  # boundaries: black lines on both sides
+        assert np.abs(overlay[:h][~edge].astype(np.float32) - expected[~edge]).max() <= 1.0
+        legend = overlay[h:]
+        swatches = {k for k in range(len(CLASSES)) if solid_square(np.all(legend == PALETTE[k], axis=2), 8)}
+        assert swatches == set(np.unique(mask).tolist())  # a swatch for every class present, none for the others
 
 
 def test_single_image_and_options(tmp_path, model_file):
@@ -127,3 +144,60 @@ def test_output_stems_disambiguate_shared_names(tmp_path):
 
     files = [tmp_path / "a.png", tmp_path / "a.jpg", tmp_path / "b.png"]
     assert output_stems(files) == ["a_png", "a_jpg", "b"]
+
+
+def test_display_overlay_upscales_small_images_only_and_names_the_classes():
+    from ctxseg.prediction import class_boundaries, display_overlay, display_scale, upscale_label
+
+    assert display_scale(128, 96) == 6 and display_scale(600, 800) == 1 and display_scale(8, 8) == 8
+    assert display_scale(128, 128, min_side=0) == 1
+    label = np.array([[0, 0, 1], [0, 2, 1]], np.uint8)
+    big = upscale_label(label, 3)
+    assert big.shape == (6, 9) and np.array_equal(big[::3, ::3], label) and set(np.unique(big)) == {0, 1, 2}
+    edge = class_boundaries(label, width=1)
+    assert edge.tolist() == [[False, True, False], [True, True, False]]
+    image = np.full((2, 3, 3), 200, np.uint8)
+    shown, info = display_overlay(image, label, PALETTE, CLASSES, alpha=0.6, min_side=0)
+    assert info["scale"] == 1 and info["size"] == [2, 3]
+    assert info["legend"] == ["sea", "lake", "ship"]  # present classes only, largest share first (3, 2, 1 px)
+    assert shown[2:].shape[1] == 3  # the legend strip, as wide as the image
+    big_image = np.full((600, 700, 3), 90, np.uint8)
+    big_label = np.zeros((600, 700), np.uint8)
+    big_label[:, 350:] = 3
+    shown, info = display_overlay(big_image, big_label, PALETTE, CLASSES)
+    assert info["scale"] == 1 and shown.shape[1] == 700 and shown.shape[0] > 600  # large: not enlarged
+    assert (shown[:600, 349:351] == 0).all() and info["legend"] == ["sea", "swan"]
+    assert shown[300, 100].tolist() == [round(0.4 * 90 + 0.6 * c) for c in PALETTE[0]]  # the stronger tint
+
+
+def test_predict_overlay_options(tmp_path, model_file):
+    from pipeline.predict import main
+
+    from ctxseg.data.info import voc_colormap
+
+    path, _ = model_file
+    _images(tmp_path / "in", sizes=((20, 30),))
+    out = tmp_path / "out"
+    assert main(["--model", str(path), "--input", str(tmp_path / "in" / "img0.png"), "--output", str(out),
+                 "--overlay-min-side", "0", "--alpha", "1.0"]) == 0
+    with Image.open(out / "img0_overlay.png") as ov, Image.open(out / "img0_mask.png") as m:
+        overlay, mask = np.asarray(ov), np.asarray(m)
+    assert overlay.shape[1] == 30 and overlay.shape[0] > 20  # input size, plus the legend strip
+    inner = ~class_edges(mask)
+    palette = np.asarray(voc_colormap(len(CLASSES)))  # no meta: the model's 4 classes get the VOC colours
+    assert np.array_equal(overlay[:20][inner], palette[mask][inner])  # alpha 1: the class colours alone
+    assert json.loads((out / "predictions.json").read_text())["images"][0]["overlay_scale"] == 1
+    assert main(["--model", str(path), "--input", str(tmp_path / "in"), "--output", str(out), "--alpha", "1.5"]) == 2
+
+
+def class_edges(mask):
+    from ctxseg.prediction import class_boundaries
+
+    return class_boundaries(mask, width=1)
+
+
+def solid_square(hit: np.ndarray, n: int) -> bool:
+    """Whether the boolean map holds an n x n block that is all True (a colour swatch, not text pixels)."""
+    c = np.pad(hit.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n]
+    return bool((sums == n * n).any())
