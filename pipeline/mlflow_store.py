@@ -51,9 +51,46 @@ def tracking_uri(params: Params, root: Path) -> str:
     if not is_default_store(params):
         return params.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     home = store_root(root)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
     if params.mlflow.artifact_root is None:
         relocate(home / "mlflow.db", home)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    initialise(home / "mlflow.db", uri)
+    return uri
+
+
+def initialise(db_file: Path, uri: str) -> None:
+    """Create the SQLite store's schema once, under a file lock: two stages that open a new store at
+    the same moment (``dvc queue start -j 2``) would otherwise both run MLflow's migrations, and the
+    second fails ("Online migration expected to match one row")."""
+    if _schema_ready(db_file):
+        return
+    from filelock import FileLock
+
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db_file) + ".lock", timeout=300):
+        if not _schema_ready(db_file):
+            import mlflow
+
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the schema
+
+
+def _schema_ready(db_file: Path) -> bool:
+    if not db_file.is_file():
+        return False
+    try:
+        con = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)
+        try:
+            found = [row[0] for row in con.execute("SELECT version_num FROM alembic_version")]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    try:  # a store part-way through its migrations (another stage is creating it) is not ready
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return found == [_get_latest_schema_revision()]
+    except ImportError:  # another MLflow layout: a versioned schema is as much as can be checked
+        return len(found) == 1
 
 
 def artifact_root_uri(params: Params, root: Path) -> str:
@@ -72,7 +109,15 @@ def experiment_id(params: Params, root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}")
+    except MlflowException:  # created by another stage a moment ago (two queued experiments)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _origin_of(location: str) -> Optional[Path]:

@@ -84,7 +84,12 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r["trial_id"] for r in every_row)
-    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+    # run states tell Tune's truth: completed and ASHA-stopped trials are FINISHED, with Tune's status as a tag
+    status_of = {r["trial_id"]: r["status"] for r in every_row}
+    for child in children:
+        assert child.info.status == "FINISHED", (child.info.run_name, child.data.tags.get("tune_status"))
+        assert child.data.tags["tune_status"] == status_of[child.data.tags["trial_id"]]
+        assert child.info.run_name.startswith(f"kxh/{child.data.tags['trial_id']}"), "names lead with the trial id"
     assert {"grid_spread", "seed_spread"} <= set(parent.data.metrics)
     for child in children:
         assert child.data.params["tune.acf.mixtures"] == child.data.params["model.acf.mixtures"]
@@ -106,6 +111,13 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     command = run(["python", "-m", "pipeline.tune", "--best-command"], project)
     assert command.returncode == 0
     assert command.stdout.startswith("dvc exp run")
+    assert all(arg.startswith("'++models.fcn_acf.acf.") for arg in command.stdout.split(" -S ")[1:])
+    # the printed command works as printed: DVC applies every -S to params.yaml (a dry run of one stage)
+    dry = run(["bash", "-c", command.stdout.strip().replace("dvc exp run", "dvc exp run --dry --single-item", 1)
+               + " source"], project)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    best_line = next(ln for ln in best_text.splitlines() if ln.startswith("#   dvc exp run"))
+    assert best_line[4:] == command.stdout.strip(), "best.yaml prints the same command"
 
 
 def test_shipped_sweeps_validate_and_bad_sweep_is_rejected():
