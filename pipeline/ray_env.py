@@ -185,11 +185,13 @@ def explain_start_failure(workers: int, per_worker: dict) -> str:
 
 
 def _other_local_ray_instances() -> int:
+    """GCS servers on this machine other than the one this process is connected to."""
     import psutil
+    import ray
 
-    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    own_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
     count = 0
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.info["name"] == "gcs_server" and proc.info["pid"] not in mine:
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "gcs_server" and f"--gcs_server_port={own_port}" not in (proc.info["cmdline"] or []):
             count += 1
     return count
