@@ -132,11 +132,14 @@ def test_interrupt_worker_crash_and_hard_kill_resume_bit_identical(tmp_path, tin
     proc.kill()
     proc.wait(timeout=30)
 
-    # 4. run again: the orphaned Ray processes are stopped, the run resumes and finishes
-    final = run(["python", "-m", "pipeline.train", "--model", "fcn"], project)
+    # 4. run again, through DVC (which deletes the stage's cached outputs model.pt and run.json first):
+    #    the orphaned Ray processes are stopped, the run resumes from models/fcn/ray and finishes
+    assert json.loads((project / "models" / "fcn" / "ray" / "resume.json").read_text())["status"] == "running"
+    final = run(["dvc", "repro", "train@fcn"], project)
     out3 = final.stdout + final.stderr
     assert final.returncode == 0, out3[-4000:]
     assert "left behind by a stage that was killed" in out3
+    assert "resuming interrupted run" in out3
     assert not [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     # the result is the uninterrupted run's, tensor for tensor and point for point
