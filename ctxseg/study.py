@@ -437,15 +437,15 @@ def qualitative_caption(split: str, n: int, framework: str, columns: list[str], 
     from ctxseg.visualize import colour_name
 
     names, palette = meta.get("class_names", []), meta.get("palette", [])
-    groups = ["; ".join(" vs ".join(f"{c} = {colour_name(palette[names.index(c)])}" for c in members
-                                    if c in names and names.index(c) < len(palette))
-                        for members in context_groups(meta).values())] if lookalike else []
-    models = ", ".join(columns)
+    coloured = {c: colour_name(palette[names.index(c)]) for c in lookalike
+                if c in names and names.index(c) < len(palette)}
+    groups = "; ".join(" vs ".join(f"{c} = {coloured[c]}" for c in members if c in coloured)
+                       for members in context_groups(meta).values() if any(c in coloured for c in members))
     return (f"{n} {split} image{'s' if n != 1 else ''} (one per row, id at the left), the ground truth, then the "
             f"single-scale prediction of each of the {len(columns)} {framework} model{'s' if len(columns) != 1 else ''}"
-            f" shown, one column each: {models} (column titles and frames in each model's colour). Class colours "
-            "as in the legend under the grid; black = ignore."
-            + (f" Look-alike classes told apart only by context: {groups[0]}." if groups and groups[0] else ""))
+            f" shown, one column each: {', '.join(columns)} (column titles and frames in each model's colour). "
+            "Class colours as in the legend under the grid; black = ignore."
+            + (f" Look-alike classes told apart only by context: {groups}." if groups else ""))
 
 
 def _ablations(doc: Document, records: list[dict], enabled: list[str]) -> None:
