@@ -25,7 +25,7 @@ from ctxseg.config import Params
 from ctxseg.io import atomic_path
 from ctxseg.report import Document
 from ctxseg.study import LOSS_KEY, StudyLayout, build_report, collect_results
-from pipeline import common
+from pipeline import common, mlflow_store
 from pipeline.model_store import reachable_client
 
 log = logging.getLogger("ctxseg.report")
@@ -65,7 +65,7 @@ def make_report(params: Params, paths: common.Paths, out_dir: Optional[Path] = N
     layout = StudyLayout.from_paths(paths)
     histories = loss_histories(params, paths, collect_results(params, layout))
     return build_report(params, layout, (out_dir or paths.reports) / "figures", histories=histories,
-                        registry=read_registry(layout), tracking_uri=common.mlflow_tracking_uri(params, paths.root))
+                        registry=read_registry(layout), tracking_uri=mlflow_store.tracking_uri(params, paths.root))
 
 
 def write_report(params: Params, paths: common.Paths) -> Path:
