@@ -115,10 +115,10 @@ class RayConfig(StrictModel):
     )
 
 
-#: Params that say where and how a stage runs, not what it computes: no stage declares them in dvc.yaml
-#: (moving a study onto a cluster, resizing its Ray or renaming its MLflow store must not re-train it).
-#: The params-declaration test checks every other key a stage reads against dvc.yaml.
-RUN_SETTINGS = ("ray", "mlflow")
+#: Params that say where and how a stage runs, not what it computes: no stage needs to declare them in
+#: dvc.yaml (moving a study onto a cluster, resizing its Ray or data loaders, or renaming its MLflow store
+#: must not re-train it). The params-declaration test checks every other key a stage reads.
+RUN_SETTINGS = ("ray", "mlflow", "data.num_loader_workers", "data.preprocess_workers")
 
 
 class MLflowConfig(StrictModel):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from ctxseg.config import RUN_SETTINGS
 from ctxseg.param_reads import read_keys
 
 
@@ -25,11 +26,12 @@ def covered(key: str, declared: set[str]) -> bool:
 
 def undeclared_reads(lock_file: Path, reads_folder: Path) -> dict[str, list[str]]:
     """Every stage's keys read but not declared (``{}`` when dvc.yaml is complete). A stage that read
-    params but is missing from dvc.lock is reported with all its keys."""
+    params but is missing from dvc.lock is reported with all its keys. The run settings
+    (:data:`ctxseg.config.RUN_SETTINGS`: where a stage runs and logs) are declared by no stage."""
     declared = declared_params(lock_file)
     missing = {}
     for stage, keys in read_keys(reads_folder).items():
-        bad = sorted(k for k in keys if not covered(k, declared.get(stage, set())))
+        bad = sorted(k for k in keys if not covered(k, declared.get(stage, set()) | set(RUN_SETTINGS)))
         if bad:
             missing[stage] = bad
     return missing

@@ -58,6 +58,16 @@ def test_block_declarations_cover_their_keys():
     assert not covered("data.eval_short_side", {"data.name", "data.augment"})
 
 
+def test_run_settings_need_no_declaration(tmp_path):
+    folder = tmp_path / "reads"
+    folder.mkdir()
+    (folder / "train@fcn.1.txt").write_text("ray.num_cpus\nmlflow.experiment\ntrain.epochs\n")
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train@fcn": {"cmd": "x", "params": {
+        "params.yaml": {"seed": 0}}}}}))
+    assert undeclared_reads(lock, folder) == {"train@fcn": ["train.epochs"]}
+
+
 def test_undeclared_reads_names_stage_and_key(tmp_path):
     folder = record(tmp_path, "evaluate@fcn_acf")
     lock = tmp_path / "dvc.lock"

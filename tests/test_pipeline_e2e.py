@@ -8,14 +8,22 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project, run
+from params_declared import undeclared_reads
+
+from ctxseg.param_reads import read_keys
 
 pytestmark = pytest.mark.slow
 
 
 def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     project = make_project(tmp_path / "study", tiny_overrides)
-    first = run(["dvc", "repro"], project)
+    reads = tmp_path / "param_reads"
+    first = run(["dvc", "repro"], project, env_extra={"CTXSEG_PARAM_READS": str(reads)})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+
+    # every stage declares (in dvc.yaml, as resolved in dvc.lock) every params key it read
+    assert {"train@fcn", "evaluate@fcn", "report"} <= set(read_keys(reads)), sorted(read_keys(reads))
+    assert undeclared_reads(project / "dvc.lock", reads) == {}
 
     # the DVC metrics file: the headline numbers only (flat, numbers), fractions; `dvc metrics show`
     # shows exactly those columns
@@ -90,3 +98,30 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     status = run(["dvc", "status"], project)
     stale = [ln.rstrip(":") for ln in status.stdout.splitlines() if ln and not ln[0].isspace()]
     assert stale == ["source"] and "always changed" in status.stdout, status.stdout
+
+    # `dvc plots show` renders every declared plot with no network: nothing loaded from another site
+    page = tmp_path / "plots_page"
+    shown = run(["dvc", "plots", "show", "-o", str(page)], project)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    html = (page / "index.html").read_text(encoding="utf-8")
+    assert not re.findall(r"""<(?:script|link|img)[^>]+(?:src|href)\s*=\s*["']?(?:https?:)?//""", html, flags=re.I)
+    assert "vegaEmbed(" in html and "per_class_iou" in html and "confusion" in html
+
+    # the repo is relocatable: a copy re-runs a stage into its own MLflow store, the original is untouched
+    import shutil
+
+    def snapshot(root: Path) -> dict:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    origin_store = {"db": (project / "mlflow.db").read_bytes(), "artifacts": snapshot(project / "mlartifacts")}
+    copy = tmp_path / "moved"
+    shutil.copytree(project, copy, symlinks=True)
+    again = run(["dvc", "repro", "--force", "--single-item", "evaluate@fcn"], copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "came from" in again.stderr, "the copy said it relocated its store"
+    assert (project / "mlflow.db").read_bytes() == origin_store["db"]
+    assert snapshot(project / "mlartifacts") == origin_store["artifacts"]
+    copied = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(mlrun.info.run_id)
+    assert copied.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
+    record = json.loads((copy / "models" / "fcn" / "run.json").read_text())
+    assert not Path(record["ray_run"]).is_absolute(), "run.json holds repo-relative paths"
