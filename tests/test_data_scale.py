@@ -280,7 +280,9 @@ def test_a_folder_of_own_images_trains_end_to_end_and_a_change_reruns_preprocess
                            raw_values=(0, 1, 2, 255), n=(8, 4))
     overrides = {**{k: v for k, v in TINY.items() if k != "data"},
                  "data": {"name": "folder", "source": str(src), "augment": {"crop_size": [40, 40]}},
-                 "train": {**TINY["train"], "epochs": 1}}
+                 "train": {**TINY["train"], "epochs": 1},
+                 "evaluate": {**TINY["evaluate"], "multi_scale": False},
+                 "report": {"complexity": False, "feature_space": False}}
     project = make_project(tmp_path / "study", overrides)
 
     def repro() -> str:
