@@ -7,9 +7,10 @@ checkpoint that exists at that moment.
 
 Writes ``models/<model>/``: ``model.pt`` (:mod:`ctxseg.checkpoint` model file) and ``run.json`` (MLflow
 run id, per-epoch history), both DVC-cached outputs, so ``dvc exp apply``, ``dvc checkout`` and ``dvc
-push/pull`` bring back the weights that match an experiment's metrics; and ``ray/``, persisted and not
-cached: the checkpoints (unless ``ray.storage_path`` names shared storage) and ``resume.json``, the
-record an interrupted run resumes from (DVC deletes its cached outputs before it re-runs a stage).
+push/pull`` bring back the weights that match an experiment's metrics; and ``ray/``, the stage's working
+state (git-ignored, not a DVC output, so DVC never deletes it): the checkpoints (unless
+``ray.storage_path`` names shared storage) and ``resume.json``, the record an interrupted run resumes
+from (DVC deletes the cached outputs before it re-runs a stage).
 """
 from __future__ import annotations
 

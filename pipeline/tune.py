@@ -16,7 +16,8 @@ Trials run on any node of the cluster (:mod:`pipeline.tune_trial`); Tune's state
 checkpoints live under ``ray.storage_path/tune/<sweep>`` when set, else ``tune/ray/<sweep>``.
 
 Writes ``tune/results.csv`` (one row per trial), ``tune/best.yaml`` (the best config per swept model, in
-params.yaml vocabulary) and ``tune/ray/<sweep>/`` (Ray Tune state, persisted).
+params.yaml vocabulary); ``tune/ray/<sweep>/`` holds Ray Tune's state, the stage's working state (git-ignored,
+not a DVC output: DVC never deletes it, so an interrupted sweep resumes).
 
 ``python -m pipeline.tune --best-command`` prints the ``dvc exp run -S ...`` command that trains the
 final models with the best values.
@@ -154,7 +155,7 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
     meta = common.dataset_meta(paths)
     for sweep in params.tune.sweeps.values():  # fail on a bad architecture before Ray starts
         build_segmentor(params.model_config_of(sweep.model), int(meta["num_classes"]))
-    (paths.tune / "ray").mkdir(parents=True, exist_ok=True)  # a DVC output even when no sweep is listed
+    paths.tune.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if params.tune.sweeps:
         uri = mlflow_store.tracking_uri(params, paths.root)
