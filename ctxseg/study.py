@@ -532,5 +532,7 @@ def _mlflow_section(doc: Document, params: Params, records: list[dict], registry
                       f"{registry.get('reason', 'n/a')}.")
     doc.paragraph(f"Open the MLflow UI on these runs (experiment `{params.mlflow.experiment}`; runs are named "
                   "`<dataset>/<framework>+<context>`):")
-    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
-    doc.code(ui + ("\n# or: make mlflow-ui" if tracking_uri.startswith("sqlite") else ""))
+    if tracking_uri.startswith("sqlite"):  # `make mlflow-ui` finds the store wherever the repo now lies
+        doc.code(f"make mlflow-ui    # from the repo root\n# or: mlflow ui --backend-store-uri {tracking_uri}")
+    else:
+        doc.code(f"open {tracking_uri}")
