@@ -30,7 +30,7 @@ from ctxseg.metrics import ConfusionMatrix, named
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Evaluation", "sample_indices", "evaluate", "classifier_features", "class_prototypes", "metrics_record",
+    "Evaluation", "sample_indices", "evaluate", "class_prototypes", "metrics_record",
     "headline_metrics", "per_class_rows", "write_confusion", "write_predictions", "write_features",
     "HEADLINE", "HEADLINE_KEYS", "MS_FLIP_KEY", "DETAILS_SUFFIX", "details_file", "representation_features",
 ]
@@ -69,15 +69,6 @@ def sample_indices(n: int, k: int) -> list[int]:
     if k >= n:
         return list(range(n))
     return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
-
-
-def classifier_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The features entering the final classifier in a single-scale whole-image pass (forward hook)."""
-    with torch.no_grad(), ClassifierInput(model) as hook:
-        model(images)
-    if hook.features is None:
-        raise RuntimeError("the classifier forward hook recorded nothing; is decode_head.classifier used?")
-    return hook.features
 
 
 def representation_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,8 @@ def write_mask_and_overlay(mask: np.ndarray, image: np.ndarray, palette, mask_fi
                            alpha: float = OVERLAY_ALPHA, class_names: Optional[Sequence[str]] = None,
                            min_side: int = DISPLAY_MIN_SIDE) -> dict:
     """``mask_file``: palette PNG at the input's size (pixel value = class id); ``overlay_file``: the
-    readable overlay of :func:`display_overlay`. Returns what the overlay shows (scale, size, legend)."""
+    readable overlay of :func:`display_overlay`. Returns what the overlay shows (scale, size, legend,
+    class shares)."""
     from PIL import Image
 
     from ctxseg.visualize import palette_png
@@ -202,7 +203,7 @@ def display_overlay(image: np.ndarray, mask: np.ndarray, palette, class_names: S
     nearest-neighbour sampling), class colours blended at ``alpha``, class boundaries drawn in
     :data:`BOUNDARY_COLOUR`, and under it a legend naming the colour of every class present with its
     share of the image (largest first). Returns ``(RGB uint8 image, info)``, ``info`` = scale, the size
-    of the image part and the legend's classes."""
+    of the image part, the legend's classes and every class's share (``classes``)."""
     from ctxseg.data.info import colorize
     from ctxseg.visualize import overlay
 
@@ -213,7 +214,8 @@ def display_overlay(image: np.ndarray, mask: np.ndarray, palette, class_names: S
     out[class_boundaries(big, width)] = BOUNDARY_COLOUR
     fractions = class_fractions(mask, class_names)
     entries = sorted(fractions.items(), key=lambda kv: -kv[1])
-    info = {"scale": scale, "size": [int(out.shape[0]), int(out.shape[1])], "legend": [c for c, _ in entries]}
+    info = {"scale": scale, "size": [int(out.shape[0]), int(out.shape[1])], "legend": [c for c, _ in entries],
+            "classes": fractions}
     if legend and entries:
         strip = _legend_strip(entries, {c: palette[k] for k, c in enumerate(class_names) if k < len(palette)},
                               out.shape[1])

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -52,10 +53,16 @@ def tracking_uri(params: Params, root: Path) -> str:
         return params.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     home = store_root(root)
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    if params.mlflow.artifact_root is None:
+    _prepare(home, uri, relocatable=params.mlflow.artifact_root is None)
+    return uri
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare(home: Path, uri: str, relocatable: bool) -> None:
+    """Once per process and store: point a moved store at ``home`` and create its schema."""
+    if relocatable:
         relocate(home / "mlflow.db", home)
     initialise(home / "mlflow.db", uri)
-    return uri
 
 
 def initialise(db_file: Path, uri: str) -> None:

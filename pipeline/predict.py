@@ -23,7 +23,6 @@ and read by :func:`ctxseg.checkpoint.read_model_file`. Nothing is ever unpickled
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -31,9 +30,9 @@ from typing import Optional
 import torch
 
 from ctxseg.checkpoint import ModelFile, load_model, read_model_file
-from ctxseg.config import load_params
+from ctxseg.config import load_params, parse_params
 from ctxseg.io import write_json
-from ctxseg.prediction import (DISPLAY_MIN_SIDE, OVERLAY_ALPHA, PredictError, class_fractions, list_images,
+from ctxseg.prediction import (DISPLAY_MIN_SIDE, OVERLAY_ALPHA, PredictError, list_images,
                                output_stems, predict_image, read_rgb, resolve_classes, write_mask_and_overlay)
 from pipeline import common, mlflow_store
 from pipeline.model_store import download_model_file
@@ -66,7 +65,7 @@ def _tracking_uri(params_file: Optional[Path]) -> str:
     if params_file is not None and params_file.is_file():
         params = load_params(params_file)
         return mlflow_store.tracking_uri(params, params_file.resolve().parent)
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return mlflow_store.tracking_uri(parse_params({}), Path.cwd())  # the default store of the current folder
 
 
 def _device(name: str) -> torch.device:
@@ -111,7 +110,7 @@ def run_predict(model_source: str, input_path: Path, output: Path, *, params_fil
                                        overlay_min_side)
         written.append({"input": str(f), "mask": mask_file.name, "overlay": overlay_file.name,
                         "size": [int(image.shape[0]), int(image.shape[1])],
-                        "classes": class_fractions(mask, class_names), "overlay_scale": shown["scale"]})
+                        "classes": shown["classes"], "overlay_scale": shown["scale"]})
     write_json(output / "predictions.json", {"model": record.source, "model_name": record.model_name,
                                               "num_classes": record.num_classes, "class_names": class_names,
                                               "inference": {"short_side": short_side, **inference},

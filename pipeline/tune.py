@@ -86,7 +86,7 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     record = common.read_json(record_file, "", "") if record_file.is_file() else {}
     resumable = record.get("fingerprint") == fp and record.get("status") == "running"
     experiment_id = mlflow_store.experiment_id(params, paths.root)
-    origin = mlflow_store.run_tags(common.git_commit(paths.root))
+    origin, label = mlflow_store.run_tags(common.git_commit(paths.root)), mlflow_store.experiment_label()
     if resumable:
         parent_id = record["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -96,8 +96,7 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
         shutil.rmtree(record_dir, ignore_errors=True)
         if storage != str(record_dir):  # Tune's state on shared storage (a mount or a bucket) goes too
             clear_storage(*storage.rsplit("/", 1))
-        parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}"
-                                      f"{mlflow_store.experiment_label()}", tags={
+        parent_id = client.create_run(experiment_id, run_name=f"{params.data.name}/sweep {name}{label}", tags={
             "stage": "tune", "sweep": name, "model": sweep.model, "dataset": params.data.name, **origin}).info.run_id
     record_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"sweep": name, "fingerprint": fp, "status": "running", "parent_run_id": parent_id})
@@ -105,8 +104,7 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     log_sweep_params(client, parent_id, params, name)
 
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id, "store": store,
-               "experiment_id": experiment_id, "origin": origin, "label": mlflow_store.experiment_label(),
-               "dataset": dataset,
+               "experiment_id": experiment_id, "origin": origin, "label": label, "dataset": dataset,
                "storage": storage}
     # The trial function only waits on its TorchTrainer: it holds no CPU (a small memory reservation
     # keeps its bundle non-empty), so the workers get every CPU the sweep asks for.

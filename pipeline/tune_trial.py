@@ -11,7 +11,6 @@ A trial may run on any node: it reaches MLflow through the head's store actor
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,7 @@ def result_rows(grid, params: Params, sweep: SweepConfig, name: str) -> list[dic
         # The best of every reported epoch and the last report: a trial restored by Tuner.restore and
         # then stopped may hold no metric in its dataframe, but its last report still has one.
         seen = (list(frame[metric]) if frame is not None and metric in frame else []) + [metrics.get(metric)]
-        best = max((float(v) for v in seen if sweeps.finite(v) and math.isfinite(v)), default=float("nan"))
+        best = max((float(v) for v in seen if sweeps.finite(v)), default=float("nan"))
         epochs = int(metrics.get("epoch", 0) or 0)
         repeat = result.config.get(REPEAT_KEY)
         planned = repeat["epochs"] if repeat else params.tune.epochs
