@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ctxseg.data.config import DataConfig
 from ctxseg import param_reads
@@ -291,7 +291,9 @@ class TuneConfig(StrictModel):
 class Params(StrictModel):
     """The whole of params.yaml."""
 
-    seed: int = Field(0, ge=0, description="seed of weight init, sampling and augmentation (rank r uses seed*1000+r)")
+    seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="the study's seeds: every model trains and is evaluated once per seed "
+        "(weight init, sampling, augmentation; rank r of seed s uses s*1000+r); verdicts need at least 2")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     models: dict[str, ModelConfig] = Field(
@@ -365,6 +367,26 @@ class Params(StrictModel):
         for name, cfg in self.models.items():
             cfg.backbone._origin = f"models.{name}.backbone"
         return self
+
+    _run_seed: Optional[int] = PrivateAttr(None)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+        return seeds
+
+    @property
+    def seed(self) -> int:
+        """The seed of one training run: the one :meth:`for_seed` chose, else the study's first seed."""
+        return self.seeds[0] if self._run_seed is None else self._run_seed
+
+    def for_seed(self, seed: int) -> "Params":
+        """These params for the training run of one seed (``params.seed``); nothing else changes."""
+        run = self.model_copy()
+        run._run_seed = int(seed)
+        return run
 
     def model_config_of(self, name: str) -> ModelConfig:
         """The resolved config of model ``name`` (a key of ``models``)."""

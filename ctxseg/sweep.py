@@ -42,9 +42,9 @@ def trial_params(base: dict, params: Params, sweep: SweepConfig, overrides: dict
         "scaling": {"num_workers": t.workers_per_trial, "cpus_per_worker": t.cpus_per_worker,
                     "gpus_per_worker": t.gpus_per_worker if t.gpus_per_worker > 0 else 1,
                     "use_gpu": t.gpus_per_worker > 0},
-        **({"seed": seed} if seed is not None else {}),
     })
-    return parse_params(raw, source=f"tune trial of {sweep.model} with {overrides}")
+    trial = parse_params(raw, source=f"tune trial of {sweep.model} with {overrides}")
+    return trial.for_seed(params.seed if seed is None else seed)
 
 
 def trial_status(epochs: int, max_epochs: int, errored: bool) -> str:

@@ -50,7 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     common.setup_logging()
     ray_env.quiet_ray_report_log()
-    params = parse_params(config["params"])
+    params = parse_params(config["params"]).for_seed(config["seed"])
     name = config["model_name"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -177,7 +177,7 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "params": params_to_dict(params), "model_name": model_name, "dataset": dataset, "store": store,
+            "params": params_to_dict(params), "seed": params.seed, "model_name": model_name, "dataset": dataset, "store": store,
             "run_id": run_id, "system_metrics": params.mlflow.system_metrics, "storage": storage,
             "ray_name": name, "callbacks": list(worker_callbacks or []),
         },

@@ -1,19 +1,27 @@
-"""DVC stage ``train@<model>``: train one model of params.yaml with Ray Train (DDP), tracked in MLflow.
+"""DVC stage ``train@<model>``: train one model of params.yaml once per seed of ``seeds``, with Ray
+Train (DDP), tracked in MLflow.
 
-Resume: the Ray run directory is named from a fingerprint of the training config. Re-running after an
-interruption finds the same directory and continues from its newest complete checkpoint; a changed
-config gets a fresh run. A crashed worker is restarted by Ray (``train.max_failures``) from the newest
-checkpoint that exists at that moment.
+The seeds run one after another in one process, so Ray starts once per stage, the dataset is published
+once and one MLflow store actor serves them all. In MLflow the model is a parent run (``<dataset>/
+<framework>+<context>``) with one nested run per seed (``... seed <s>``): the UI groups a model's seeds
+under it, and the evaluate stage logs their mean and standard deviation to it.
 
-Writes ``models/<model>/``: ``model.pt`` (:mod:`ctxseg.checkpoint` model file) and ``run.json`` (MLflow
-run id, per-epoch history), both DVC-cached outputs, so ``dvc exp apply``, ``dvc checkout`` and ``dvc
-push/pull`` bring back the weights that match an experiment's metrics; and ``ray/``, the stage's working
-state (git-ignored, not a DVC output, so DVC never deletes it): the checkpoints (unless
-``ray.storage_path`` names shared storage) and ``resume.json``, the record an interrupted run resumes
-from (DVC deletes the cached outputs before it re-runs a stage).
+Resume: each seed's Ray run directory is named from a fingerprint of its training config. Re-running
+after an interruption finds the same directory and continues from its newest complete checkpoint; a
+changed config gets a fresh run. A seed that had finished is not trained again: its model file is
+rebuilt from its final checkpoint (DVC deletes the stage's outputs before it re-runs it). A crashed
+worker is restarted by Ray (``train.max_failures``) from the newest checkpoint that exists at that moment.
+
+Writes ``models/<model>/seeds/<seed>/``: ``model.pt`` (:mod:`ctxseg.checkpoint` model file) and
+``run.json`` (MLflow run id, per-epoch history), a DVC-cached output, so ``dvc exp apply``, ``dvc
+checkout`` and ``dvc push/pull`` bring back the weights that match an experiment's metrics; and
+``models/<model>/ray/``, the stage's working state (git-ignored, not a DVC output, so DVC never deletes
+it): ``group.json`` (the parent MLflow run) and per seed ``seed<s>/`` with the checkpoints (unless
+``ray.storage_path`` names shared storage) and ``resume.json``, the record an interrupted run resumes from.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -26,7 +34,7 @@ from ctxseg.io import write_json
 from ctxseg.models import build_segmentor
 from pipeline import common, dataset_access, mlflow_store, ray_env, tracking
 from pipeline.ray_train import fatal_error_of, fit_or_explain, make_trainer
-from pipeline.run_storage import clear_storage, remove_incomplete_checkpoints
+from pipeline.run_storage import clear_storage, newest_checkpoint, remove_incomplete_checkpoints
 
 log = logging.getLogger("ctxseg.train")
 
@@ -38,16 +46,32 @@ def training_fingerprint(params: Params, model_name: str) -> str:
         "model": plain["models"][model_name],
         "train": {k: v for k, v in plain["train"].items() if k not in ("log_every", "max_failures")},
         "data": plain["data"],
-        "seed": plain["seed"],
+        "seed": params.seed,
         "world": plain["scaling"]["num_workers"],
     })
 
 
+def code_fingerprint() -> str:
+    """A hash of the code a training runs (``ctxseg/`` and ``pipeline/`` sources): a seed that had finished
+    is reused only while it is unchanged."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "ctxseg").rglob("*.py"), *(root / "pipeline").rglob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def seed_dir(model_dir: Path, seed: int) -> Path:
+    """Where one seed's model file and run record go (``models/<model>/seeds/<seed>``, a DVC output)."""
+    return model_dir / "seeds" / str(seed)
+
+
 def storage_of(params: Params, model_dir: Path) -> str:
-    """Where this model's Ray runs keep checkpoints: ``ray.storage_path/<model>`` or ``models/<model>/ray``."""
+    """Where a seed's Ray runs keep checkpoints: ``ray.storage_path/<model>/seed<s>`` or
+    ``models/<model>/ray/seed<s>``."""
     if params.ray.storage_path:
-        return f"{params.ray.storage_path.rstrip('/')}/{model_dir.name}"
-    return str(model_dir / "ray")
+        return f"{params.ray.storage_path.rstrip('/')}/{model_dir.name}/seed{params.seed}"
+    return str(model_dir / "ray" / f"seed{params.seed}")
 
 
 def warn_node_local_storage(storage: str) -> None:
@@ -57,86 +81,158 @@ def warn_node_local_storage(storage: str) -> None:
                     "ray.storage_path to a shared mount or an s3:// URI (README \"Scaling out\").", len(nodes), storage)
 
 
+class SeedRun:
+    """One seed's training run: its resume record, checkpoint storage and MLflow run (nested in the model's)."""
+
+    def __init__(self, params: Params, model_name: str, model_dir: Path):
+        self.params, self.model_name, self.seed = params, model_name, params.seed
+        self.tag = f"[{model_name} seed {self.seed}]"
+        self.fingerprint = training_fingerprint(params, model_name)
+        self.storage, self.ray_name = storage_of(params, model_dir), f"run-{self.fingerprint}"
+        self.out_dir = seed_dir(model_dir, self.seed)
+        self.resume_file = model_dir / "ray" / f"seed{self.seed}" / "resume.json"
+        self.previous = common.read_json(self.resume_file, "", "") if self.resume_file.is_file() else {}
+        same = self.previous.get("fingerprint") == self.fingerprint
+        self.resumable = same and self.previous.get("status") == "running"
+        self.finished = same and self.previous.get("status") == "finished" \
+            and self.previous.get("code") == code_fingerprint()
+
+    def open(self, client, experiment_id: str, parent_run_id: str, root: Path) -> dict:
+        """Create (or, resuming, reopen) the seed's MLflow run and write its resume record."""
+        if self.resumable and self.previous.get("run_id"):
+            run_id = self.previous["run_id"]
+            client.update_run(run_id, status="RUNNING")
+            log.info("%s resuming interrupted run %s (MLflow run %s)", self.tag, self.ray_name, run_id)
+        else:
+            tracking.close_superseded_run(client, self.previous, "run_id", self.tag)
+            clear_storage(self.storage, self.ray_name)
+            if "://" not in self.storage:
+                shutil.rmtree(self.storage, ignore_errors=True)
+            run_id = tracking.create_run(
+                client, experiment_id, self.params, self.model_name, mlflow_store.run_tags(common.git_commit(root)),
+                f"{tracking.run_name(self.params, self.model_name)} seed {self.seed}{mlflow_store.experiment_label()}",
+                {"stage": "train", "seed": str(self.seed), "mlflow.parentRunId": parent_run_id})
+        record = {"model": self.model_name, "seed": self.seed, "fingerprint": self.fingerprint,
+                  "code": code_fingerprint(), "status": "running",
+                  "run_id": run_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
+                  "ray_run": common.repo_relative(f"{self.storage}/{self.ray_name}", root)}
+        self.resume_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.resume_file, record)
+        # After resume.json names the run: a stage interrupted while logging them completes them on resume.
+        tracking.log_run_params(client, run_id, self.params, self.model_name, {"seed": self.seed})
+        return record
+
+    def final_state(self) -> Optional[dict]:
+        """The final checkpoint of a seed that had finished with this config (None: train it again)."""
+        if not self.finished:
+            return None
+        payload = newest_checkpoint(self.storage, self.ray_name, None)
+        epochs = self.params.train.epochs
+        return payload if payload is not None and payload["state"].get("epoch") == epochs else None
+
+    def write_outputs(self, payload: dict, record: dict, cfg, meta: dict):
+        """``model.pt`` and ``run.json`` of this seed from its final training state; returns (summary, file)."""
+        state = TrainState(**payload["state"])
+        model_file = write_model_file(self.out_dir / "model.pt", weights=payload["model"],
+                                      model_config=cfg.model_dump(mode="json"), num_classes=int(meta["num_classes"]),
+                                      class_names=list(meta["class_names"]), dataset=self.params.data.name,
+                                      model_name=self.model_name)
+        summary = {**record, "status": "finished", "history": state.history, "epochs": state.epoch,
+                   "iterations": state.iteration}
+        write_json(self.out_dir / "run.json", summary)
+        write_json(self.resume_file, {**record, "status": "finished"})
+        return summary, model_file
+
+
+def open_model_run(params: Params, model_name: str, model_dir: Path, client, experiment_id: str,
+                   root: Path) -> str:
+    """The model's parent MLflow run, which groups its seeds: reused while the model's training config
+    (seed aside) and its list of seeds are unchanged, else created."""
+    group_file = model_dir / "ray" / "group.json"
+    key = common.fingerprint({"config": training_fingerprint(params.for_seed(0), model_name), "seeds": params.seeds})
+    previous = common.read_json(group_file, "", "") if group_file.is_file() else {}
+    if previous.get("fingerprint") == key and previous.get("run_id"):
+        client.update_run(previous["run_id"], status="RUNNING")
+        return previous["run_id"]
+    tracking.close_superseded_run(client, previous, "run_id", f"[{model_name}]")
+    run_id = tracking.create_run(client, experiment_id, params, model_name,
+                                 mlflow_store.run_tags(common.git_commit(root)),
+                                 tracking.run_name(params, model_name) + mlflow_store.experiment_label(),
+                                 {"stage": "train", "seeds": ",".join(map(str, params.seeds))})
+    group_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(group_file, {"model": model_name, "fingerprint": key, "status": "running", "run_id": run_id})
+    tracking.log_run_params(client, run_id, params, model_name)
+    return run_id
+
+
 def train_model(params: Params, model_name: str, paths: common.Paths, *,
-                worker_callbacks: Optional[list] = None) -> dict:
-    """Train ``model_name`` (resuming if its run was interrupted); return the run summary.
+                worker_callbacks: Optional[list] = None) -> list[dict]:
+    """Train ``model_name`` once per seed of ``params.seeds`` (resuming a run that was interrupted, reusing
+    a seed that had finished); return the runs' summaries, in the order of the seeds.
 
     ``worker_callbacks``: extra :class:`ctxseg.engine.Callback` objects run in every worker."""
     import mlflow
 
     cfg = params.model_config_of(model_name)
     meta = common.dataset_meta(paths)
-    num_classes = int(meta["num_classes"])
-    build_segmentor(cfg, num_classes)  # fail on a bad architecture config before Ray starts
+    build_segmentor(cfg, int(meta["num_classes"]))  # fail on a bad architecture config before Ray starts
 
     model_dir = paths.model_dir(model_name)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    fp = training_fingerprint(params, model_name)
-    resume_file = model_dir / "ray" / "resume.json"
-    previous = common.read_json(resume_file, "", "") if resume_file.is_file() else {}
-    resumable = previous.get("fingerprint") == fp and previous.get("status") == "running"
-    storage, ray_name = storage_of(params, model_dir), f"run-{fp}"
-    (model_dir / "model.pt").unlink(missing_ok=True)
-    (model_dir / "run.json").unlink(missing_ok=True)
-    if not resumable:
-        clear_storage(storage, ray_name)
-        if "://" not in storage:
-            shutil.rmtree(storage, ignore_errors=True)
-
+    shutil.rmtree(model_dir / "seeds", ignore_errors=True)  # every seed's files are written anew below
     uri = mlflow_store.tracking_uri(params, paths.root)
     experiment_id = mlflow_store.experiment_id(params, paths.root)
     client = mlflow.MlflowClient(uri)
-    if resumable and previous.get("run_id"):
-        run_id = previous["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        log.info("[%s] resuming interrupted run %s (MLflow run %s)", model_name, ray_name, run_id)
-    else:
-        tracking.close_superseded_run(client, previous, "run_id", f"[{model_name}]")
-        run_id = tracking.create_run(client, experiment_id, params, model_name,
-                                     mlflow_store.run_tags(common.git_commit(paths.root)),
-                                     tracking.run_name(params, model_name) + mlflow_store.experiment_label(),
-                                     {"stage": "train"})
-    record = {"model": model_name, "fingerprint": fp, "status": "running", "run_id": run_id,
-              "experiment_id": experiment_id, "ray_run": common.repo_relative(f"{storage}/{ray_name}", paths.root)}
-    resume_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(resume_file, record)
-    # After resume.json names the run: a stage interrupted while logging them completes them on resume.
-    tracking.log_run_params(client, run_id, params, model_name)
+    parent_run_id = open_model_run(params, model_name, model_dir, client, experiment_id, paths.root)
+    runs = [SeedRun(params.for_seed(seed), model_name, model_dir) for seed in params.seeds]
 
-    mode = ray_env.init_ray(params, paths.root, params.ray.num_cpus)
-    warn_node_local_storage(storage)
-    dataset = dataset_access.publish(paths.prepared, params.ray.data_path)
-    store = tracking.start_store_actor(uri)
-    trainer = make_trainer(params, model_name, dataset=dataset, store=store, run_id=run_id, storage=storage,
-                           name=ray_name, worker_callbacks=worker_callbacks)
-    log.info("[%s] Ray Train (%s Ray, %d worker(s), gpu=%s) -> %s/%s", model_name, mode,
-             params.scaling.num_workers, trainer.scaling_config.use_gpu, storage, ray_name)
-    result = fit_or_explain(trainer, client, run_id, f"[{model_name}]", f"{storage}/{ray_name}",
+    summaries, started = [], None
+    for run in runs:
+        payload = run.final_state()
+        if payload is not None:
+            summary, _ = run.write_outputs(payload, {k: v for k, v in run.previous.items() if k != "status"}, cfg, meta)
+            log.info("%s had finished: model file rebuilt from its final checkpoint", run.tag)
+            summaries.append(summary)
+            continue
+        record = run.open(client, experiment_id, parent_run_id, paths.root)
+        if started is None:  # Ray, the published dataset and the MLflow store actor: once per stage
+            mode = ray_env.init_ray(params, paths.root, params.ray.num_cpus)
+            started = (mode, dataset_access.publish(paths.prepared, params.ray.data_path),
+                       tracking.start_store_actor(uri))
+        mode, dataset, store = started
+        warn_node_local_storage(run.storage)
+        summaries.append(_fit(run, record, cfg, meta, client, mode, dataset, store, worker_callbacks))
+    client.set_terminated(parent_run_id, status="FINISHED")
+    write_json(model_dir / "ray" / "group.json",
+               {**common.read_json(model_dir / "ray" / "group.json", "", ""), "status": "finished"})
+    return summaries
+
+
+def _fit(run: SeedRun, record: dict, cfg, meta: dict, client, mode: str, dataset, store,
+         worker_callbacks: Optional[list]) -> dict:
+    """Train one seed with Ray Train and write its outputs."""
+    params, run_id = run.params, record["run_id"]
+    trainer = make_trainer(params, run.model_name, dataset=dataset, store=store, run_id=run_id, storage=run.storage,
+                           name=run.ray_name, worker_callbacks=worker_callbacks)
+    log.info("%s Ray Train (%s Ray, %d worker(s), gpu=%s) -> %s/%s", run.tag, mode,
+             params.scaling.num_workers, trainer.scaling_config.use_gpu, run.storage, run.ray_name)
+    result = fit_or_explain(trainer, client, run_id, run.tag, f"{run.storage}/{run.ray_name}",
                             params.train.max_failures)
-    fatal = fatal_error_of(store, run_id, model_name)
+    fatal = fatal_error_of(store, run_id, run.model_name)
     if fatal is not None or result.checkpoint is None:
-        for partial in remove_incomplete_checkpoints(storage, ray_name):
-            log.info("[%s] removed the incomplete checkpoint %s", model_name, partial)
+        for partial in remove_incomplete_checkpoints(run.storage, run.ray_name):
+            log.info("%s removed the incomplete checkpoint %s", run.tag, partial)
         client.set_terminated(run_id, status="FAILED")
-        raise fatal or RuntimeError(f"[{model_name}] training finished without a checkpoint")
+        raise fatal or RuntimeError(f"{run.tag} training finished without a checkpoint")
 
     with result.checkpoint.as_directory() as ckpt_dir:
         payload = load_training_checkpoint(Path(ckpt_dir))
         client.log_artifacts(run_id, ckpt_dir, artifact_path="checkpoint")  # the final training state
-    state = TrainState(**payload["state"])
-    model_file = write_model_file(model_dir / "model.pt", weights=payload["model"],
-                                  model_config=cfg.model_dump(mode="json"), num_classes=num_classes,
-                                  class_names=list(meta["class_names"]), dataset=params.data.name,
-                                  model_name=model_name)
+    summary, model_file = run.write_outputs(payload, record, cfg, meta)
     if params.mlflow.log_model:  # the model file itself: weights + config, loadable with weights_only=True
         client.log_artifact(run_id, model_file.source, artifact_path="model")
     client.set_terminated(run_id, status="FINISHED")
-    summary = {**record, "status": "finished", "history": state.history, "epochs": state.epoch,
-               "iterations": state.iteration}
-    write_json(model_dir / "run.json", summary)
-    write_json(resume_file, {**record, "status": "finished"})
-    last = state.history[-1] if state.history else {}
-    log.info("[%s] finished: %d epochs, val mIoU %.4f, MLflow run %s", model_name, state.epoch,
+    last = summary["history"][-1] if summary["history"] else {}
+    log.info("%s finished: %d epochs, val mIoU %.4f, MLflow run %s", run.tag, summary["epochs"],
              last.get("val_mIoU", float("nan")), run_id)
     return summary
 

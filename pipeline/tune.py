@@ -50,7 +50,7 @@ def sweep_fingerprint(params: Params, name: str) -> str:
     sweep = plain["tune"]["sweeps"][name]
     settings = {k: v for k, v in plain["tune"].items() if k not in ("sweeps", "max_concurrent_trials")}
     return common.fingerprint({"sweep": sweep, "settings": settings, "model": plain["models"][sweep["model"]],
-                               "train": plain["train"], "data": plain["data"], "seed": plain["seed"]})
+                               "train": plain["train"], "data": plain["data"], "seed": params.seed})
 
 
 def sweep_storage(params: Params, paths: common.Paths, name: str) -> str:

@@ -15,6 +15,7 @@ def run(cmd: list[str], cwd: Path, env_extra: dict | None = None, timeout: int =
 
 # A study small enough for a test, large enough to exercise every stage for real.
 TINY = {
+    "seeds": [0],
     "data": {"synthetic": {"num_train": 8, "num_val": 4, "image_size": 96, "min_cue_distance": 32},
              "augment": {"crop_size": [96, 96]}},
     "train": {"epochs": 2, "batch_size": 4, "log_every": 1, "val_every": 1},

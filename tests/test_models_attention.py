@@ -53,73 +53,81 @@ def test_dca_matches_explicit_reference_odd_size():
 
 
 def reference_prior(acf: ACF, x: torch.Tensor) -> torch.Tensor:
-    """CFNet §2.1 by loops: pi_k = exp(w_k^T v_bar) / sum_k' exp(w_k'^T v_bar), v_bar = (1/N) sum_i v_i,
-    v_i = Phi_t(x_i) the target vectors; per head, on the head's slice of v, with its own w_k."""
+    """CFNet §2.1 by loops, as MixtureOfSoftMaxACF computes it: pi_k = exp(w_k^T q_bar) / sum_k' exp(...),
+    q_bar = (1/N) sum_i q_i the mean of the head's d_k target channels Phi_t(x_i), W [K, d_k] shared by
+    the heads."""
     b = x.shape[0]
-    hh, kk, dv = acf.heads, acf.mixtures, acf.value_dim
-    t = acf.phi(x).flatten(2)  # v_i as columns, [B, C, N]
-    w = acf.prior.weight.view(hh, kk, dv)  # w_k per head
+    hh, kk, dk = acf.heads, acf.mixtures, acf.key_dim
+    t = acf.phi(x).flatten(2)  # q_i as columns, [B, H d_k, N]
     prior = torch.zeros(b, hh, kk, dtype=x.dtype)
     for n in range(b):
         for head in range(hh):
-            v_bar = sum(t[n, head * dv:(head + 1) * dv, i] for i in range(t.shape[-1])) / t.shape[-1]
-            logits = torch.stack([(w[head, k] * v_bar).sum() for k in range(kk)])
+            q_bar = sum(t[n, head * dk:(head + 1) * dk, i] for i in range(t.shape[-1])) / t.shape[-1]
+            logits = torch.stack([(acf.prior_weight[k] * q_bar).sum() for k in range(kk)])
             prior[n, head] = logits.exp() / logits.exp().sum()
     return prior
 
 
 def reference_acf(acf: ACF, x: torch.Tensor) -> torch.Tensor:
-    """Explicit mixture of softmaxes: P = sum_k pi_k softmax(s_k); z = P Psi(x_pool), per head."""
+    """Explicit mixture of softmaxes: P = sum_k pi_k softmax(s_k / sqrt(d_k)); z = P Psi(x_pool), per head;
+    mixture k of head h uses channels [h d_k + k C/H, h d_k + (k+1) C/H) of Phi."""
     b, _, h, w = x.shape
-    hh, kk, d, dv = acf.heads, acf.mixtures, acf.head_dim, acf.value_dim
-    t = acf.phi(x).flatten(2)  # [B, C, N]
+    hh, kk, d, dk = acf.heads, acf.mixtures, acf.value_dim, acf.key_dim
+    t = acf.phi(x).flatten(2)  # [B, H d_k, N]
     pooled = torch.nn.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
     c = acf.phi(pooled).flatten(2)
     v = acf.psi(pooled).flatten(2)
-    prior = reference_prior(acf, x)
+    prior = reference_prior(acf, x) if kk > 1 else torch.ones(b, hh, 1)
     outs = []
     for head in range(hh):
         probs = 0
         for k in range(kk):
-            sl = slice((head * kk + k) * d, (head * kk + k + 1) * d)
+            sl = slice(head * dk + k * d, head * dk + (k + 1) * d)
             s = t[:, sl].transpose(1, 2) @ c[:, sl] * acf.scale  # [B, N, M]
             probs = probs + prior[:, head, k, None, None] * torch.softmax(s, dim=-1)
-        outs.append(probs @ v[:, head * dv : (head + 1) * dv].transpose(1, 2))  # [B, N, dv]
-    return torch.cat(outs, dim=2).transpose(1, 2).reshape(b, hh * dv, h, w)
+        outs.append(probs @ v[:, head * d:(head + 1) * d].transpose(1, 2))  # [B, N, dv]
+    return torch.cat(outs, dim=2).transpose(1, 2).reshape(b, hh * d, h, w)
 
 
 @pytest.mark.parametrize("heads, mixtures, phi, scale", [(2, 2, "conv1x1", "sqrt"), (1, 3, "atrous", "sqrt"),
                                                           (3, 1, "conv1x1", "none")])
 def test_acf_matches_explicit_mos_reference(heads, mixtures, phi, scale):
-    acf = _randomise_bn(ACF(10, channels=4 * heads * mixtures, heads=heads, mixtures=mixtures, dropout=0.3,
-                            phi=phi, scale=scale))
-    x = torch.randn(2, 10, 7, 9)  # odd sizes: pooled map is 4 x 5
+    channels = 4 * heads
+    acf = _randomise_bn(ACF(channels, heads=heads, mixtures=mixtures, dropout=0.3, phi=phi, scale=scale))
+    x = torch.randn(2, channels, 7, 9)  # odd sizes: pooled map is 4 x 5
     with torch.no_grad():
         z = acf.attend(x)
         ref = reference_acf(acf, x)
         assert torch.allclose(z, ref, atol=1e-5)
-        assert torch.allclose(acf(x), x + acf.proj(ref), atol=1e-5)  # projection + residual
+        assert torch.allclose(acf(x), acf.out_norm(acf.out_conv(ref)) + x, atol=1e-5)  # BN(conv(z)) + x
         q, k, v, prior = acf.components(x)
         assert k.shape[3] == 4 * 5 and q.shape[3] == 7 * 9
+        assert q.shape[-1] == v.shape[-1] == channels // heads  # each softmax sees C/H channels
+        assert acf.scale == ((channels // heads * mixtures) ** -0.5 if scale == "sqrt" else 1.0)
         assert torch.allclose(prior.sum(-1), torch.ones(2, heads))
 
 
 def test_cfnet_prior_is_a_softmax_on_the_mean_target_vector_per_head():
-    """pi_k = softmax(w_k^T v_bar) with v_bar the mean of Phi_t(x) (not of the raw input), per head."""
-    acf = _randomise_bn(ACF(6, channels=12, heads=3, mixtures=2))
+    """pi_k = softmax(W q_bar) with q_bar the mean of Phi_t(x) (not of the raw input), per head."""
+    acf = _randomise_bn(ACF(12, heads=3, mixtures=2))
     with torch.no_grad():
-        for p in acf.prior.parameters():
-            p.normal_()
-        x = torch.randn(2, 6, 5, 4)
+        acf.prior_weight.normal_()
+        x = torch.randn(2, 12, 5, 4)
         prior = acf.components(x)[3]
         assert torch.allclose(prior, reference_prior(acf, x), atol=1e-6)
-        assert acf.prior.bias is None and acf.prior.weight.shape == (3 * 2, 12 // 3, 1)
-        # an input whose raw mean is unchanged but whose target vectors change moves the prior
+        assert acf.prior_weight.shape == (2, 12 // 3 * 2)  # [K, d_k], shared by the heads, no bias
+        # with the linear 1x1 Phi (the authors' `conv`), the mean target vector is Phi of the mean input;
+        # with the nonlinear atrous Phi (`dffn`), an input whose raw mean is unchanged but whose target
+        # vectors change moves the prior
         shifted = x.clone()
         shifted[:, :, 0, 0] += 3.0
         shifted[:, :, 1, 1] -= 3.0
         assert torch.allclose(shifted.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=1e-6)
-        assert not torch.allclose(acf.components(shifted)[3], prior, atol=1e-4)
+        assert torch.allclose(acf.components(shifted)[3], prior, atol=1e-5)
+        atrous = _randomise_bn(ACF(12, heads=3, mixtures=2, phi="atrous"))
+        atrous.prior_weight.normal_()
+        assert torch.allclose(atrous.components(x)[3], reference_prior(atrous, x), atol=1e-6)
+        assert not torch.allclose(atrous.components(shifted)[3], atrous.components(x)[3], atol=1e-4)
 
 
 def test_mos_with_one_mixture_is_plain_softmax_attention():
@@ -128,7 +136,8 @@ def test_mos_with_one_mixture_is_plain_softmax_attention():
     ref = explicit_attention(q[:, :, 0], k[:, :, 0], v, 0.5)
     assert torch.allclose(out, ref, atol=1e-6)
     # and a K=1 ACF module has prior exactly 1
-    acf = ACF(8, channels=8, heads=2, mixtures=1).eval()
+    acf = ACF(8, heads=2, mixtures=1).eval()
+    assert acf.prior_weight is None
     assert torch.equal(acf.components(torch.randn(1, 8, 5, 5))[3], torch.ones(1, 2, 1))
 
 
@@ -140,7 +149,7 @@ def test_mos_is_linear_in_components():
 
 
 def test_acf_dropout_only_in_training():
-    acf = ACF(8, channels=8, heads=2, mixtures=2, dropout=0.5)
+    acf = ACF(8, heads=2, mixtures=2, dropout=0.5)
     x = torch.randn(1, 8, 6, 6)
     acf.eval()
     assert torch.equal(acf.attend(x), acf.attend(x))

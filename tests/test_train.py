@@ -52,7 +52,8 @@ def runs_of(root: Path, model: str):
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ctxseg")
-    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.model = '{model}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.model = '{model}'")
+    return client, [r for r in runs if "seed" in r.data.tags]  # the seeds' runs, not the model's parent run
 
 
 def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_root, local_ray, monkeypatch):
@@ -65,8 +66,8 @@ def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_roo
     })
     iters_per_epoch = 8 // 4  # 8 training images, global batch 4
     ship_by_value()
-    summary = train_model(params, "ddp_mcibi", common.Paths(params, prepared_root),
-                          worker_callbacks=[CrashOnceAt(iters_per_epoch + 1, marker=str(prepared_root / "fault"))])
+    [summary] = train_model(params, "ddp_mcibi", common.Paths(params, prepared_root),
+                            worker_callbacks=[CrashOnceAt(iters_per_epoch + 1, marker=str(prepared_root / "fault"))])
 
     model_dir = prepared_root / "models" / "ddp_mcibi"
     client, runs = runs_of(prepared_root, "ddp_mcibi")
@@ -80,7 +81,7 @@ def test_ddp_two_workers_mcibi_memory_identical_and_fault_recovered(prepared_roo
     history = client.get_metric_history(runs[0].info.run_id, "val_mIoU")
     assert sorted(m.step for m in history) == [iters_per_epoch, 2 * iters_per_epoch]
     assert {"loss_w", "loss_m", "memory_momentum"} <= set(runs[0].data.metrics)
-    payload = torch.load(model_dir / "model.pt", weights_only=True)
+    payload = torch.load(model_dir / "seeds" / "0" / "model.pt", weights_only=True)
     assert any(k.endswith("memory") for k in payload["model"])
 
 
@@ -90,7 +91,7 @@ def test_retries_used_up_say_so_in_one_line_naming_the_last_checkpoint(prepared_
     with pytest.raises(common.StageFailed) as info:  # iteration 3 is in epoch 2: one checkpoint exists
         train_model(params, "doomed", common.Paths(params, prepared_root), worker_callbacks=[CrashAlwaysAt(3)])
     msg = str(info.value)
-    assert "[doomed] training failed after train.max_failures=1 worker restarts" in msg
+    assert "[doomed seed 0] training failed after train.max_failures=1 worker restarts" in msg
     assert "injected fault at iteration 3" in msg
     assert "Last checkpoint: " in msg and msg.split("Last checkpoint: ")[1].split(";")[0].endswith(
         "checkpoint_epoch_0001")
@@ -109,20 +110,41 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(prepared_ro
     msg = str(info.value)
     assert "[exploding] non-finite loss at iteration" in msg
     assert "loss_o=" in msg and "Lower train.lr" in msg
-    assert not (prepared_root / "models" / "exploding" / "model.pt").exists()
+    assert not (prepared_root / "models" / "exploding" / "seeds" / "0" / "model.pt").exists()
     _, runs = runs_of(prepared_root, "exploding")
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_finished_run_is_not_resumed_but_retrained_when_stage_reruns(prepared_root, local_ray):
-    """A completed run whose config is unchanged retrains from scratch when DVC re-runs the stage
-    (e.g. because code changed), and never mixes its checkpoints with the previous run's."""
-    params = study({"models": {"again": {"context": "none"}}, "train": {"epochs": 1}})
+def test_seeds_train_as_nested_runs_and_a_finished_seed_is_reused_until_code_changes(prepared_root, local_ray,
+                                                                                       monkeypatch):
+    """Two seeds: one MLflow run each, nested in the model's parent run, different weights. When DVC re-runs
+    the stage (it deleted the outputs) with code and config unchanged, finished seeds are rebuilt from their
+    final checkpoints without training; changed code trains them afresh, never mixing checkpoints."""
+    import pipeline.train as train_stage
+
+    params = study({"seeds": [0, 1], "models": {"again": {"context": "none"}}, "train": {"epochs": 1}})
     paths = common.Paths(params, prepared_root)
     first = train_model(params, "again", paths)
-    second = train_model(params, "again", paths)
-    assert first["run_id"] != second["run_id"]
-    assert second["history"][0]["epoch"] == 1 and len(second["history"]) == 1
+    assert [s["seed"] for s in first] == [0, 1] and first[0]["run_id"] != first[1]["run_id"]
+    client, runs = runs_of(prepared_root, "again")
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(runs) == 2 and len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["seeds"] == "0,1" and parent.info.status == "FINISHED"
+    w0, w1 = (torch.load(prepared_root / "models" / "again" / "seeds" / str(s) / "model.pt", weights_only=True)["model"]
+              for s in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0), "the two seeds trained the same weights"
+
+    again = train_model(params, "again", paths)
+    assert [s["run_id"] for s in again] == [s["run_id"] for s in first]
+    assert len(runs_of(prepared_root, "again")[1]) == 2, "no new training run"
+    rebuilt = torch.load(prepared_root / "models" / "again" / "seeds" / "0" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(rebuilt[k], w0[k]) for k in w0)
+
+    monkeypatch.setattr(train_stage, "code_fingerprint", lambda: "changed")
+    changed = train_model(params, "again", paths)
+    assert {s["run_id"] for s in changed}.isdisjoint(s["run_id"] for s in first)
+    assert changed[0]["history"][0]["epoch"] == 1 and len(changed[0]["history"]) == 1
 
 
 def test_crashed_run_superseded_by_new_params_is_closed_not_left_running(tmp_path):

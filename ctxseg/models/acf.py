@@ -1,22 +1,28 @@
-"""CFNet aggregated co-occurrent feature (ACF) module (Zhang et al., CVPR 2019, §2-3, Fig 3).
+"""CFNet aggregated co-occurrent feature (ACF) module (Zhang et al., CVPR 2019, §2-3, Fig 3), built as
+the authors' released code builds it (PyTorch-Encoding ``encoding/nn/attention.py``: ``ACFModule``,
+``MixtureOfSoftMaxACF``).
 
-For target pixel i and co-occurrent (context) position j of the 3x3/stride-2 average-pooled map:
+For an input X with C channels, H heads and K mixtures (C/H channels per head, d_k = (C/H) K):
 
-* s_ij = Phi_t(x_i)^T Phi_c(x_j)   dot-product similarity, shared Phi_t = Phi_c (1x1 conv, or the
-  paper's atrous-rate-4 3x3 feed-forward with ``phi="atrous"``), divided by sqrt(d) unless
-  ``scale="none"``;
-* mixture of softmaxes (Eq 2): P(j | i) = sum_k pi_k softmax_j(s^k_ij), with K mixtures computed on
-  channel slices of Phi and the contextual prior pi_k = softmax_k(w_k^T v_bar) (§2.1), v_bar =
-  (1/N) sum_i v_i the mean of the *target vectors* v_i = Phi_t(x_i); with H heads, each head has its
-  own K slices, its own v_bar (the mean of its slice of the target vectors) and its own w_k (no
-  bias: the paper's exp(w_k^T v_bar) has none);
-* dropout on the co-occurrent probabilities; aggregated feature (Eq 3) z_i = sum_j P(j | i) Psi(x_j),
-  Psi a 1x1 value transform; the heads' z are concatenated (§2.2, multi-head);
-* ``residual=True`` (ctxseg's ``acf.output: residual_fusion`` variant, not the paper's): the module
-  returns x + proj(z), a 1x1 projection back to the input width with a residual connection;
-  ``residual=False`` (the paper's Fig 3 path, the default of the CFNet head) returns z itself.
-  The global-pooling (GP) branch of Fig 3 is a separate module :class:`GlobalPool`; the head
-  (:mod:`ctxseg.models.heads.acf`) concatenates it.
+* Φ, shared by the target and the co-occurrent side (Φ_t = Φ_c), maps X to H d_k channels. ``phi=
+  "conv1x1"`` is the code's ``conv`` transform (a plain 1x1 convolution with bias); ``phi="atrous"`` is
+  the code's ``dffn`` transform, the paper's atrous Φ (§4.2): 3x3 conv, dilation 4 -> BN -> ReLU -> 1x1.
+  The co-occurrent side is Φ of the 3x3 / stride 2 average-pooled X.
+* Ψ (value transform): a plain 1x1 convolution of the pooled X to C channels (C/H per head).
+* s^k_ij = Φ_t(x_i)^k · Φ_c(x_j)^k / sqrt(d_k): mixture k of a head sees C/H of the head's d_k channels;
+  the temperature is sqrt(d_k) of the head (``scale="none"`` drops it).
+* Mixture of softmaxes (Eq 2): P(j | i) = Σ_k π_k softmax_j(s^k_ij), with the contextual prior
+  π = softmax_k(W q̄) (§2.1), q̄ = (1/N) Σ_i Φ_t(x_i) the mean target vector of the head and W a
+  [K, d_k] matrix shared by the heads (no bias); with K = 1, π = 1.
+* Dropout (p = ``dropout``) on the co-occurrent probabilities; Eq 3: z_i = Σ_j P(j | i) Ψ(x_j); the
+  heads' z are concatenated (§2.2).
+* Output (``output``): ``"authors"`` (default): BN(Conv1x1(z)) + X, no ReLU, the module keeps the
+  input feature (``ACFModule.forward``); ``"z_only"``: z alone, the earlier reading of Fig 3 in which
+  the classifier sees nothing of the pixel's own feature.
+
+Dropout order: the authors' code drops each of the K softmaxes before mixing them; ctxseg drops the
+mixture P once. Both have the same expectation; dropping P lets the blocked kernel apply the mixture
+before the value product and draw one mask per block instead of K.
 
 The N x N/4 probability matrices are never stored (the reference code materialises one per mixture):
 see :func:`mos_attention`.
@@ -24,26 +30,27 @@ see :func:`mos_attention`.
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ConvBNReLU, modules_of
+from .layers import modules_of
 from .mixture_attention import mixture_attention
 
-__all__ = ["ACF", "GlobalPool", "mos_attention", "check_acf_channels"]
+__all__ = ["ACF", "GlobalPool", "mos_attention", "check_acf_widths"]
 
 
-def check_acf_channels(channels: int, heads: int, mixtures: int) -> None:
-    """Clear error when acf.channels is not divisible by acf.heads x acf.mixtures."""
+def check_acf_widths(channels: int, heads: int, mixtures: int) -> None:
+    """Clear error when the ACF input width cannot be split into ``heads`` heads."""
     if heads < 1 or mixtures < 1:
         raise ValueError(f"acf.heads ({heads}) and acf.mixtures ({mixtures}) must be >= 1")
-    if channels % (heads * mixtures):
+    if channels % heads:
         raise ValueError(
-            f"acf.channels={channels} is not divisible by acf.heads x acf.mixtures = "
-            f"{heads} x {mixtures} = {heads * mixtures}"
+            f"channels={channels} (the ACF module's width) is not divisible by acf.heads={heads}; "
+            f"pick channels as a multiple of {heads}"
         )
 
 
@@ -55,14 +62,12 @@ def mos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torc
     returns [B, H, N, dv].
 
     * CPU training (gradients or dropout): :func:`ctxseg.models.mixture_attention.mixture_attention`,
-      row-blocked with the mixture applied before the value product: half the products of one SDPA
-      call per component, half its stored activations, and dropout with exact masks that are never
-      stored (CPU SDPA has no fused dropout). Measured at d_model 512, H 4, K 2, batch 2, forward +
-      backward: 1.2x faster than SDPA per component at 16^2 to 96^2 and half the peak memory at 128^2.
+      row-blocked with the mixture applied before the value product: nothing of size N x M outlives a
+      block, one value product per head instead of K, and dropout with exact masks that are never
+      stored (CPU SDPA has no fused dropout).
     * Otherwise (CPU inference, GPU, the ``meta`` device of the FLOP counter): one fused SDPA call
       per component, sum_k pi_k SDPA(Q_k, K_k, V), the same maths because the mixture is linear in
-      each softmax. For inference with narrow heads (d = 8) it is 3x faster than the blocked kernel on
-      the CPU. On GPUs dropout is drawn per component inside SDPA rather than on the mixture.
+      each softmax. On GPUs dropout is drawn per component inside SDPA (the authors' order).
 
     ``pad_head_dims=False`` skips the zero-padding that lets the fused SDPA kernels run when d != dv
     (see :func:`_sdpa`): the same result, computed as the maths says, so that a FLOP counter counts
@@ -102,78 +107,111 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropo
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
-class ACF(nn.Module):
-    """Co-occurrent feature module (Eq 1-3): ``forward(x) -> z`` [B, channels, h, w] (``residual=False``,
-    the paper) or ``x + proj(z)`` of the same width as x (``residual=True``)."""
+def _query_key_transform(channels: int, out: int, phi: str) -> nn.Module:
+    """Φ (shared Φ_t = Φ_c): the authors' ``conv`` (1x1) or ``dffn`` (the paper's atrous Φ) transform."""
+    if phi == "conv1x1":
+        return nn.Conv2d(channels, out, 1)
+    if phi == "atrous":
+        last = nn.Conv2d(out, out, 1)
+        return nn.Sequential(nn.Conv2d(channels, out, 3, padding=4, dilation=4, bias=False),
+                             nn.BatchNorm2d(out), nn.ReLU(inplace=True), last)
+    raise ValueError(f"acf.phi must be conv1x1 or atrous; got {phi!r}")
 
-    def __init__(self, in_channels: int, channels: int = 32, heads: int = 2, mixtures: int = 2,
-                 dropout: float = 0.1, phi: str = "conv1x1", scale: str = "sqrt", residual: bool = True) -> None:
+
+class ACF(nn.Module):
+    """Co-occurrent feature module (Eq 1-3): ``forward(x)`` -> BN(Conv1x1(z)) + x [B, C, h, w]
+    (``output="authors"``) or z [B, C, h, w] (``output="z_only"``)."""
+
+    def __init__(self, channels: int, heads: int = 2, mixtures: int = 2, dropout: float = 0.1,
+                 phi: str = "conv1x1", scale: str = "sqrt", output: str = "authors") -> None:
         super().__init__()
-        check_acf_channels(channels, heads, mixtures)
+        check_acf_widths(channels, heads, mixtures)
+        if output not in ("authors", "z_only"):
+            raise ValueError(f"acf.output must be authors or z_only; got {output!r}")
         self.channels, self.heads, self.mixtures = channels, heads, mixtures
-        self.head_dim = channels // (heads * mixtures)  # d per mixture component
-        self.value_dim = channels // heads  # dv per head
-        self.dropout = dropout
-        self.scale_mode = scale
-        if phi == "conv1x1":
-            self.phi = ConvBNReLU(in_channels, channels, 1)  # shared Phi_t = Phi_c
-        elif phi == "atrous":
-            self.phi = ConvBNReLU(in_channels, channels, 3, dilation=4)
-        else:
-            raise ValueError(f"acf.phi must be conv1x1 or atrous; got {phi!r}")
+        self.value_dim = channels // heads  # d_v = C/H per head; also the width each softmax sees
+        self.key_dim = self.value_dim * mixtures  # d_k = (C/H) K per head
+        self.dropout, self.scale_mode, self.output = dropout, scale, output
+        self.phi = _query_key_transform(channels, heads * self.key_dim, phi)
+        if phi == "conv1x1":  # the authors' init of conv_qs: N(0, 2 / (d_model + d_k))
+            nn.init.normal_(self.phi.weight, 0.0, math.sqrt(2.0 / (channels + self.key_dim)))
+        else:  # dffn: N(0, 1 / d_k) on its last conv
+            nn.init.normal_(self.phi[-1].weight, 0.0, math.sqrt(1.0 / self.key_dim))
         self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
-        self.psi = ConvBNReLU(in_channels, channels, 1)  # Psi value transform
-        # w_k of pi_k = softmax_k(w_k^T v_bar), one [K, C/H] matrix per head on that head's slice of
-        # v_bar (a grouped 1x1 conv: group h sees channels h*C/H ... (h+1)*C/H - 1 of Phi_t)
-        self.prior = nn.Conv1d(channels, heads * mixtures, 1, groups=heads, bias=False)
-        self.residual = residual
-        self.proj = ConvBNReLU(channels, in_channels, 1) if residual else None  # output projection (+ residual)
-        self.out_channels = in_channels if residual else channels
+        self.psi = nn.Conv2d(channels, heads * self.value_dim, 1)  # Ψ
+        nn.init.normal_(self.psi.weight, 0.0, math.sqrt(2.0 / (channels + self.value_dim)))
+        # W of π = softmax_k(W q̄), shared by the heads; none with K = 1 (π = 1)
+        self.prior_weight = nn.Parameter(torch.empty(mixtures, self.key_dim)) if mixtures > 1 else None
+        if self.prior_weight is not None:
+            bound = mixtures ** -0.5
+            nn.init.uniform_(self.prior_weight, -bound, bound)
+        if output == "authors":
+            self.out_conv = nn.Conv2d(heads * self.value_dim, channels, 1, bias=False)
+            self.out_norm = nn.BatchNorm2d(channels)
+        else:
+            self.out_conv = self.out_norm = None
+        self.out_channels = channels
 
     @property
     def scale(self) -> float:
-        return self.head_dim ** -0.5 if self.scale_mode == "sqrt" else 1.0
+        return self.key_dim ** -0.5 if self.scale_mode == "sqrt" else 1.0
 
     def components(self, x: torch.Tensor):
-        """(q [B,H,K,N,d], k [B,H,K,M,d], v [B,H,M,dv], prior [B,H,K]) for input x."""
+        """(q [B,H,K,N,d], k [B,H,K,M,d], v [B,H,M,dv], prior π [B,H,K]) for input x; d = dv = C/H."""
         b, _, h, w = x.shape
-        hh, kk, d = self.heads, self.mixtures, self.head_dim
-        target = self.phi(x)  # Phi_t(x): [B, C, h, w]
-        pooled = self.pool(x)  # 3x3 avg-pool, stride 2 (before Phi_c and Psi)
-        cooc = self.phi(pooled)  # Phi_c, shared weights
+        hh, kk, d = self.heads, self.mixtures, self.value_dim
+        target = self.phi(x)  # Φ_t(x): [B, H d_k, h, w]
+        pooled = self.pool(x)  # 3x3 avg-pool, stride 2 (before Φ_c and Ψ)
+        cooc = self.phi(pooled)  # Φ_c, shared weights
         value = self.psi(pooled)
         m = pooled.shape[-2] * pooled.shape[-1]
         q = target.view(b, hh, kk, d, h * w).transpose(-1, -2)
         k = cooc.view(b, hh, kk, d, m).transpose(-1, -2)
         v = value.view(b, hh, self.value_dim, m).transpose(-1, -2)
-        v_bar = target.mean(dim=(2, 3))  # mean of the target vectors Phi_t(x_i), [B, C]
-        prior = torch.softmax(self.prior(v_bar.unsqueeze(-1)).view(b, hh, kk), dim=-1)  # pi_k per head
+        if self.prior_weight is None:
+            prior = target.new_ones(b, hh, 1)
+        else:
+            q_bar = target.mean(dim=(2, 3)).view(b, hh, self.key_dim)  # mean target vector per head
+            prior = torch.softmax(q_bar @ self.prior_weight.t(), dim=-1)  # π_k per head, [B, H, K]
         return q, k, v, prior
 
     def attend(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
-        """Aggregated co-occurrent features before the projection: [B, channels, h, w].
+        """Aggregated co-occurrent features z (Eq 3, heads concatenated): [B, C, h, w].
 
         ``pad_head_dims``: see :func:`mos_attention` (False = count the maths only, same result)."""
         b, _, h, w = x.shape
         q, k, v, prior = self.components(x)
         p = self.dropout if self.training else 0.0
         z = mos_attention(q, k, v, prior, self.scale, dropout_p=p, pad_head_dims=pad_head_dims)  # [B, H, N, dv]
-        return z.transpose(-1, -2).reshape(b, self.channels, h, w)
+        return z.transpose(-1, -2).reshape(b, self.heads * self.value_dim, h, w)
 
     def forward(self, x: torch.Tensor, pad_head_dims: bool = True) -> torch.Tensor:
         z = self.attend(x, pad_head_dims)
-        return x + self.proj(z) if self.proj is not None else z
+        if self.out_conv is None:
+            return z
+        return self.out_norm(self.out_conv(z)) + x
 
     def rf_path(self) -> List[nn.Module]:
-        return modules_of(self.phi, self.proj) if self.proj is not None else modules_of(self.phi)
+        return modules_of(self.phi)
 
 
 class GlobalPool(nn.Module):
-    """CFNet global-pooling branch: GAP -> 1x1 conv + ReLU (no BN, batch-1 safe) -> broadcast."""
+    """CFNet global-pooling branch (the authors' ``GlobalPooling``): GAP -> 1x1 conv -> BN -> ReLU,
+    broadcast to every position.
+
+    A training batch of one image cannot give BatchNorm a statistic over a 1x1 map; for that batch
+    (a per-rank batch of 1) the branch normalises with its running statistics instead of failing."""
 
     def __init__(self, in_channels: int, channels: int) -> None:
         super().__init__()
-        self.conv = ConvBNReLU(in_channels, channels, 1, norm=False)
+        self.conv = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
+        y = self.conv(x.mean(dim=(2, 3), keepdim=True))
+        if self.training and y.shape[0] == 1:
+            n = self.norm
+            y = F.batch_norm(y, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        else:
+            y = self.norm(y)
+        return F.relu(y).expand(-1, -1, *x.shape[-2:])

@@ -146,10 +146,9 @@ class FeaturePath(nn.Module):
 
 
 def table_config(framework: str, context: str, channels: int = 512) -> ModelConfig:
-    """The ModelConfig of one table row (ACF: Phi/Psi width C/2, H = 2, K = 2; OCR keys C/2)."""
+    """The ModelConfig of one table row (ACF: the authors' widths at C, H = 2, K = 2; OCR keys C/2)."""
     return ModelConfig(framework=framework, context=context, channels=channels,
-                       ocr_key_channels=max(channels // 2, 1),
-                       acf={"channels": channels // 2, "heads": 2, "mixtures": 2})
+                       ocr_key_channels=max(channels // 2, 1), acf={"heads": 2, "mixtures": 2})
 
 
 def build_head(framework: str, context: str, in_channels: int, channels: int, num_classes: int,

@@ -108,43 +108,33 @@ class MCIBIConfig(BaseModel):
 class ACFConfig(BaseModel):
     """CFNet (Zhang et al., CVPR 2019) aggregated co-occurrent feature module and its head.
 
+    Widths follow the head width ``model.channels`` (C), as in the authors' code: per head, C/H value
+    channels and (C/H) K query/key channels, so ``model.channels`` must be divisible by ``acf.heads``.
     The paper's best setting is K = 2 mixtures, H = 4 heads (Table 3) with the atrous-rate-4 Phi
-    (§4.2); ``presets/`` use it. The defaults here (H = 2, 1x1 Phi, 32 channels) are sized for the
-    CPU default (``resnet_tiny``, 64 head channels): at 32 channels, H = 4 x K = 2 leaves d = 4 per
-    component, and a 3x3 atrous Phi costs 9x the 1x1 on a backbone whose receptive field is small.
+    (§4.2); ``presets/`` use it. The CPU default keeps H = 2 and the 1x1 Phi: at the default 64
+    channels H = 4 leaves 16 channels per softmax, and a 3x3 atrous Phi costs 9x the 1x1 on a backbone
+    whose receptive field is small.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     mixtures: int = Field(default=2, ge=1, le=64, description="K: softmaxes in the mixture (the paper's best: 2)")
-    heads: int = Field(default=2, ge=1, le=64, description="H: attention heads (the paper's best: 4)")
-    channels: int = Field(
-        default=32, ge=1, description="width of Phi/Psi; divisible by heads*mixtures"
-    )
+    heads: int = Field(default=2, ge=1, le=64, description="H: attention heads (the paper's best: 4); divides model.channels")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout on co-occurrent probs")
     global_pool: bool = Field(default=True, description="the global-pooling branch of CFNet Fig 3")
     phi: Literal["conv1x1", "atrous"] = Field(
         default="conv1x1",
-        description="Phi_t = Phi_c: 1x1 ConvBNReLU (CPU default) or the paper's 3x3 atrous rate 4 (CFNet §4.2)",
+        description="Phi_t = Phi_c: the authors' 'conv' transform (1x1 conv, CPU default) or their 'dffn', "
+        "the paper's atrous Phi (3x3 dilation 4 -> BN -> ReLU -> 1x1, CFNet §4.2)",
     )
-    output: Literal["paper", "residual_fusion"] = Field(
-        default="paper",
-        description="'paper' (CFNet Fig 3): concat[ACF output, GP] -> last conv (the classifier); "
-        "'residual_fusion' (ctxseg's earlier variant): concat[R, R + proj(ACF), GP] -> 3x3 fusion conv -> classifier",
+    output: Literal["authors", "z_only"] = Field(
+        default="authors",
+        description="'authors' (CFNet code's ACFModule): BN(Conv1x1(Z)) + X, concatenated with GP; "
+        "'z_only' (the earlier reading of Fig 3): Z alone, concatenated with GP",
     )
     scale: Literal["sqrt", "none"] = Field(
-        default="sqrt", description="divide dot products by sqrt(d) ('sqrt') or not ('none')"
+        default="sqrt", description="divide dot products by sqrt(d_k) of the head ('sqrt') or not ('none')"
     )
-
-    @model_validator(mode="after")
-    def _check(self) -> "ACFConfig":
-        hk = self.heads * self.mixtures
-        if self.channels % hk:
-            raise ValueError(
-                f"acf.channels={self.channels} is not divisible by acf.heads x acf.mixtures = "
-                f"{self.heads} x {self.mixtures} = {hk}; pick channels as a multiple of {hk}"
-            )
-        return self
 
 
 class ModelConfig(BaseModel):
