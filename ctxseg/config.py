@@ -264,6 +264,9 @@ class SweepConfig(StrictModel):
 class TuneConfig(StrictModel):
     """Ray Tune sweeps (the ``tune`` stage). Each trial is a full Ray Train run of the train stage's code."""
 
+    enabled: bool = Field(
+        False, description="run the sweeps; off, the tune stage writes empty results at once (the default study "
+        "spends its time on seeds: short trials rank nothing, README: Sweeps)")
     epochs: int = Field(2, ge=1, description="epochs per trial (ASHA's max_t)")
     metric: Literal["val_mIoU", "val_pixAcc", "val_mAcc"] = "val_mIoU"
     scheduler: Literal["asha", "fifo"] = "asha"

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Evaluation", "sample_indices", "evaluate", "class_prototypes", "metrics_record",
-    "headline_metrics", "per_class_rows", "write_confusion", "write_predictions", "write_features",
+    "headline_metrics", "seed_headline", "seeds_record", "per_class_rows", "write_confusion", "write_predictions", "write_features",
     "HEADLINE", "HEADLINE_KEYS", "MS_FLIP_KEY", "DETAILS_SUFFIX", "details_file", "representation_features",
 ]
 
@@ -194,13 +194,61 @@ def metrics_record(result: Evaluation, class_names: Sequence[str], **info) -> di
     return record
 
 
-def headline_metrics(record: dict) -> dict:
-    """The content of ``metrics/<model>.json``: flat numbers only, ``mIoU``, ``pixAcc``, ``mAcc`` and
-    (with multi-scale) ``ms_flip_mIoU``. DVC shows one column per key of a metrics file, so per-class
-    values (the per-class plot file) and strings (the details file) stay out of it."""
+def _nanmean(values: Sequence[Optional[float]]) -> Optional[float]:
+    xs = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def seed_headline(record: dict) -> dict:
+    """One evaluation's headline numbers: ``mIoU``, ``pixAcc``, ``mAcc`` and ``ms_flip_mIoU`` (multi-scale)."""
     out = {k: float(record[k]) for k in HEADLINE}
     if "ms_flip" in record:
         out[MS_FLIP_KEY] = float(record["ms_flip"]["mIoU"])
+    return out
+
+
+def seeds_record(per_seed: Sequence[dict]) -> dict:
+    """A model's record over its seeds (``metrics/<model>.details.json``), from one :func:`metrics_record`
+    per seed (each with ``seed`` and, when tracked, ``run_id``):
+
+    * the model info of the first seed; every headline number, per-class IoU / accuracy and the ms+flip
+      block are the **mean over seeds** (a class missing from a seed's split is left out of its mean);
+    * ``sd``: the sample standard deviation over seeds of each headline number (null with one seed);
+    * ``seeds``: each seed's own headline numbers, per-class IoU and MLflow run, in the order given."""
+    from ctxseg.stats import mean_sd
+
+    first = per_seed[0]
+    out = {k: v for k, v in first.items() if k not in ("seed", "run_id", "ms_flip", "per_class_iou",
+                                                        "per_class_acc", *HEADLINE)}
+    out["seconds_per_image"] = _nanmean([r.get("seconds_per_image") for r in per_seed])
+    out.update({k: _nanmean([r[k] for r in per_seed]) for k in HEADLINE})
+    for key in ("per_class_iou", "per_class_acc"):
+        out[key] = {c: _nanmean([r[key].get(c) for r in per_seed]) for c in first[key]}
+    if "ms_flip" in first:
+        ms = [r["ms_flip"] for r in per_seed]
+        out["ms_flip"] = {**{k: _nanmean([m[k] for m in ms]) for k in HEADLINE},
+                          "per_class_iou": {c: _nanmean([m["per_class_iou"].get(c) for m in ms])
+                                            for c in first["ms_flip"]["per_class_iou"]},
+                          "scales": first["ms_flip"]["scales"], "flip": first["ms_flip"]["flip"]}
+    heads = [seed_headline(r) for r in per_seed]
+    out["sd"] = {k: mean_sd([h[k] for h in heads])[1] for k in heads[0]}
+    out["seeds"] = [{"seed": r["seed"], "run_id": r.get("run_id"), **h, "per_class_iou": r["per_class_iou"]}
+                    for r, h in zip(per_seed, heads)]
+    return out
+
+
+def headline_metrics(record: dict) -> dict:
+    """The content of ``metrics/<model>.json``: flat numbers only. For a :func:`seeds_record`, the mean over
+    seeds under the plain names (``mIoU``, ``pixAcc``, ``mAcc`` and, with multi-scale, ``ms_flip_mIoU``),
+    so ``dvc metrics diff`` and ``dvc exp show`` compare means, each standard deviation as ``<name>_sd``
+    (0 is written as 0, a single seed's as null) and the number of ``seeds``. DVC shows one column per key of a
+    metrics file, so per-class values (the per-class plot file) and strings (the details file) stay out."""
+    out = seed_headline(record)
+    if "seeds" in record:
+        for k in list(out):
+            sd = record["sd"].get(k)
+            out[f"{k}_sd"] = None if sd is None else float(sd)
+        out["seeds"] = len(record["seeds"])
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ctxseg.config import ConfigError
+from ctxseg.stats import METHOD, Comparison, compare, mean_sd
 from ctxseg.sweep import finite, grid_rows, noise_level, noise_verdict
 
 CONTEXTS = ("none", "mcibi", "acf")
@@ -30,7 +31,6 @@ CONTEXT_LABEL = {"none": "baseline", "mcibi": "+MCIBI", "acf": "+ACF"}
 FUSION_LABEL = {"add": "add (R + C_bi)", "weighted_add": "weighted add", "concat": "concat (Eq 4)"}
 # MCIBI Table 2 knobs (memory initialisation / update / momentum schedule / RCL)
 MEMORY_KEYS = ("init", "update", "momentum_power", "rcl")
-NOISE = 0.005  # mIoU differences below half a point are called "no clear difference" in the headline
 SYMBOL = {"mcibi.momentum": "m0", "mcibi.alpha": "α", "mcibi.beta": "β", "acf.mixtures": "K", "acf.heads": "H"}
 SWEEP_FIXED_COLUMNS = ("sweep", "trial_id", "model", "status", "epochs", "iterations", "final_mIoU", "best_mIoU",
                        "seed", "repeat_of", "mlflow_run_id")
@@ -178,44 +178,100 @@ def miou_of(r: Optional[dict], ms: bool = False) -> Optional[float]:
     return m.get("ms_flip", {}).get("mIoU") if ms else m.get("mIoU")
 
 
-def paper_table5(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """MCIBI Table 5 layout: one row per framework, baseline / +MCIBI / +ACF with Δ to the baseline.
+def seed_values(r: Optional[dict], ms: bool = False) -> list[float]:
+    """Each seed's mIoU (single scale, or multi-scale + flip) of a record; its one mIoU for a record that
+    has no per-seed values."""
+    if r is None:
+        return []
+    seeds = r["metrics"].get("seeds")
+    if seeds:
+        key = "ms_flip_mIoU" if ms else "mIoU"
+        return [s[key] for s in seeds if finite(s.get(key))]
+    value = miou_of(r, ms)
+    return [value] if finite(value) else []
 
-    Each cell is "single-scale / multi-scale+flip" mIoU (%)."""
+
+def versus(r: Optional[dict], base: Optional[dict], ms: bool = False) -> Comparison:
+    """mIoU of ``r`` minus its baseline's, over seeds (:func:`ctxseg.stats.compare`)."""
+    return compare(seed_values(r, ms), seed_values(base, ms))
+
+
+def mean_sd_cell(values: Sequence[float]) -> str:
+    """``58.40 ± 1.20`` (mIoU %, mean ± sample sd over seeds), ``58.40`` for one seed, ``–`` for none."""
+    mean, sd = mean_sd(values)
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+
+
+def delta_cell(c: Comparison, with_verdict: bool = True) -> str:
+    """``+12.30 [+5.10, +19.50] helped``: the mean difference in points, its 95% interval, the verdict."""
+    if c.diff is None:
+        return "–"
+    verdict = c.verdict
+    short = ("no verdict (1 seed)" if verdict.startswith("no verdict") else
+             "not distinguishable" if verdict.startswith("not distinguishable") else verdict)
+    return c.interval_text() + (f" {short}" if with_verdict else "")
+
+
+def seeds_note(records: list[dict]) -> str:
+    """How the study's verdicts were made: seeds per model and the interval method."""
+    counts = sorted({len(seed_values(r)) for r in records})
+    n = "/".join(map(str, counts)) or "0"
+    if counts and max(counts) < 2:
+        return ("One seed per model: the table shows each model's single run and no verdict can be given, because "
+                "one run says nothing about seed noise (on the default study a change of seed alone has moved a "
+                "context model by about 10 mIoU points). Train several (`seeds: [0, 1, 2]`) for verdicts.")
+    return (f"{n} seeds per model; mIoU is the mean ± the sample standard deviation over seeds; Δ is the difference "
+            f"of means against the framework's baseline with its 95% interval ({METHOD}). A verdict is read off "
+            "the interval alone: \"helped\" above zero, \"hurt\" below zero, otherwise \"not distinguishable\" "
+            "with that many seeds. There is no fixed threshold.")
+
+
+def paper_table5(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """MCIBI Table 5 layout: one row per framework, baseline / +MCIBI / +ACF (mean ± sd over seeds) with Δ
+    to the baseline, its 95% interval over seeds and the verdict. Single-scale mIoU (%)."""
     mains = main_records(records)
-    headers = ["framework", "baseline", "+MCIBI", "Δ +MCIBI", "+ACF", "Δ +ACF"]
+    headers = ["framework", "baseline", "+MCIBI", "Δ +MCIBI [95% CI]", "+ACF", "Δ +ACF [95% CI]"]
     rows = []
     for fw in frameworks(records):
         base = mains.get((fw, "none"))
         row = [fw]
         for ctx in CONTEXTS:
             r = mains.get((fw, ctx))
-            cell = "–" if r is None else f"{pct(miou_of(r))} / {pct(miou_of(r, True))}"
-            row.append(cell)
+            row.append("–" if r is None else mean_sd_cell(seed_values(r)))
             if ctx != "none":
-                row.append("–" if r is None else f"{delta(miou_of(r), miou_of(base))} / {delta(miou_of(r, True), miou_of(base, True))}")
+                row.append("–" if r is None or base is None else delta_cell(versus(r, base)))
         rows.append(row)
     return headers, rows
 
 
 def main_results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Every model: mIoU with the delta against its framework's baseline, pixAcc, mAcc, ms+flip."""
+    """Every model: mIoU mean ± sd and each seed's, the delta against its framework's baseline with its
+    95% interval and verdict, pixAcc, mAcc, and the multi-scale + flip mIoU with its own delta."""
     baselines = {fw: r for (fw, ctx), r in main_records(records).items() if ctx == "none"}
-    headers = ["model", "framework", "context", "variant", "mIoU (%)", "Δ vs baseline", "pixAcc (%)", "mAcc (%)",
-               "mIoU ms+flip (%)", "Δ ms+flip", "params (M)"]
+    headers = ["model", "framework", "context", "variant", "seeds", "mIoU (%)", "mIoU per seed", "Δ vs baseline [95% CI]",
+               "pixAcc (%)", "mAcc (%)", "mIoU ms+flip (%)", "Δ ms+flip [95% CI]", "params (M)"]
     rows = []
     order = {c: i for i, c in enumerate(CONTEXTS)}
     for r in sorted(records, key=lambda r: (frameworks(records).index(r["framework"]), order.get(r["context"], 9))):
         m = r["metrics"]
         base = baselines.get(r["framework"])
-        is_base = base is r
+        is_base = base is r or base is None
         n_params = m.get("num_params")
-        rows.append([r["name"], r["framework"], r["context"], variant_label(r),
-                     pct(m.get("mIoU")), "" if is_base else delta(m.get("mIoU"), miou_of(base)),
-                     pct(m.get("pixAcc")), pct(m.get("mAcc")), pct(miou_of(r, True)),
-                     "" if is_base else delta(miou_of(r, True), miou_of(base, True)),
+        seeds = m.get("seeds") or []
+        per_seed = ", ".join(f"{s['seed']}: {pct(s.get('mIoU'))}" for s in seeds) or pct(m.get("mIoU"))
+        rows.append([r["name"], r["framework"], r["context"], variant_label(r), str(len(seed_values(r))),
+                     mean_sd_cell(seed_values(r)), per_seed, "" if is_base else delta_cell(versus(r, base)),
+                     _mean_sd_of(m, "pixAcc"), _mean_sd_of(m, "mAcc"), mean_sd_cell(seed_values(r, True)),
+                     "" if is_base else delta_cell(versus(r, base, True)),
                      f"{n_params / 1e6:.2f}" if finite(n_params) else "–"])
     return headers, rows
+
+
+def _mean_sd_of(metrics: dict, key: str) -> str:
+    seeds = metrics.get("seeds")
+    return mean_sd_cell([s[key] for s in seeds if finite(s.get(key))] if seeds else [metrics.get(key)])
 
 
 def variant_label(r: dict) -> str:
@@ -223,8 +279,9 @@ def variant_label(r: dict) -> str:
 
 
 def headline(records: list[dict], complexity: Optional[list[dict]], trained: Optional[list[dict]] = None) -> list[str]:
-    """One line per context model: its mIoU change over the baseline and its extra cost (in the paper's
-    setting from ``complexity``, and as trained here from ``trained``, see :func:`trained_cost_rows`)."""
+    """One line per context model: its mIoU change over the baseline with the 95% interval over seeds and
+    the verdict the interval gives, and its extra cost (in the paper's setting from ``complexity``, and as
+    trained here from ``trained``, see :func:`trained_cost_rows`), each in one named counting convention."""
     mains = main_records(records)
     cost = {}
     for row in complexity or []:
@@ -239,25 +296,26 @@ def headline(records: list[dict], complexity: Optional[list[dict]], trained: Opt
                 continue
             text = f"`{r['name']}` ({fw} {CONTEXT_LABEL[ctx]}): "
             if base is None:
-                text += f"mIoU {pct(miou_of(r))}% (no {fw} baseline in this study to compare with)"
+                text += f"mIoU {mean_sd_cell(seed_values(r))}% (no {fw} baseline in this study to compare with)"
             else:
-                d = miou_of(r) - miou_of(base) if finite(miou_of(r)) and finite(miou_of(base)) else None
-                verdict = ("n/a" if d is None else "helped" if d >= NOISE else "hurt" if d <= -NOISE
-                           else f"no clear difference (within {100 * NOISE:.1f} points)")
-                text += (f"{delta(miou_of(r), miou_of(base))} mIoU points over `{base['name']}` single-scale "
-                         f"({pct(miou_of(base))} → {pct(miou_of(r))}), {delta(miou_of(r, True), miou_of(base, True))} with "
-                         f"multi-scale + flip: **{verdict}** here")
+                c, c_ms = versus(r, base), versus(r, base, True)
+                text += (f"{c.interval_text()} mIoU points over `{base['name']}` single-scale "
+                         f"({mean_sd_cell(seed_values(base))} → {mean_sd_cell(seed_values(r))}, "
+                         f"{len(seed_values(r))} seeds), {c_ms.interval_text()} with multi-scale + flip: "
+                         f"**{c.verdict}**")
             c, b = cost.get((fw, ctx)), cost.get((fw, "none"))
-            if c and b:
+            if c and b and finite(c.get("macs_G")) and finite(b.get("macs_G")):
                 text += (f"; cost in the MCIBI Table 3 setting: {c['params_M'] - b['params_M']:+.2f} M params, "
-                         f"{c['flops_G'] - b['flops_G']:+.1f} GFLOPs")
+                         f"{c['macs_G'] - b['macs_G']:+.1f} GMACs (multiply-adds of the layers, the paper's "
+                         "convention)")
                 if finite(c.get("latency_ms")) and finite(b.get("latency_ms")):
                     text += f", {c['latency_ms'] - b['latency_ms']:+.1f} ms CPU latency (small input)"
             mine, theirs = own.get(r["name"]), own.get(base["name"]) if base is not None else None
             if mine and theirs and finite(mine["params_M"]) and finite(theirs["params_M"]):
                 text += f"; as trained here: {mine['params_M'] - theirs['params_M']:+.2f} M params"
                 if finite(mine["flops_G"]) and finite(theirs["flops_G"]):
-                    text += f", {mine['flops_G'] - theirs['flops_G']:+.3f} GFLOPs per image"
+                    text += (f", {mine['flops_G'] - theirs['flops_G']:+.3f} GFLOPs per image (2 FLOPs per "
+                             "multiply-add, attention products included)")
                 if finite(mine.get("latency_ms")) and finite(theirs.get("latency_ms")):
                     text += f", {mine['latency_ms'] - theirs['latency_ms']:+.1f} ms CPU latency per image"
             lines.append(text + ".")
@@ -281,27 +339,38 @@ def context_classes(meta: dict) -> list[str]:
     return [c for members in context_groups(meta).values() for c in members if c in meta.get("class_names", [])]
 
 
+def class_mean_values(r: dict, classes: Sequence[str]) -> list[float]:
+    """Each seed's mean IoU over ``classes`` (the classes a seed's split lacks are left out of its mean)."""
+    seeds = r["metrics"].get("seeds") or [r["metrics"]]
+    out = []
+    for s in seeds:
+        present = [s["per_class_iou"].get(c) for c in classes if finite(s["per_class_iou"].get(c))]
+        if present:
+            out.append(sum(present) / len(present))
+    return out
+
+
 def context_class_table(records: list[dict], meta: dict) -> Optional[tuple[list[str], list[list[str]]]]:
-    """IoU of the context-dependent classes per main model, and their mean, with Δ to the baseline."""
+    """IoU of the context-dependent classes per main model (means over seeds), and their mean (mean ± sd
+    over seeds) with its Δ to the baseline, 95% interval over seeds and verdict."""
     classes = context_classes(meta)
     if not classes:
         return None
     mains = main_records(records)
-    headers = ["model"] + classes + ["mean (%)", "Δ mean vs baseline"]
+    headers = ["model"] + classes + ["mean (%)", "Δ mean vs baseline [95% CI]"]
     rows = []
     for fw in frameworks(records):
-        base_mean = None
+        base_values = None
         for ctx in CONTEXTS:
             r = mains.get((fw, ctx))
             if r is None:
                 continue
-            values = [r["metrics"]["per_class_iou"].get(c) for c in classes]
-            present = [v for v in values if finite(v)]
-            mean = sum(present) / len(present) if present else None
+            values = class_mean_values(r, classes)
             if ctx == "none":
-                base_mean = mean
-            rows.append([r["name"]] + [pct(v) for v in values] + [pct(mean),
-                         "" if ctx == "none" else delta(mean, base_mean)])
+                base_values = values
+            rows.append([r["name"]] + [pct(r["metrics"]["per_class_iou"].get(c)) for c in classes]
+                        + [mean_sd_cell(values),
+                           "" if ctx == "none" or base_values is None else delta_cell(compare(values, base_values))])
     return headers, rows
 
 
@@ -353,13 +422,13 @@ def fusion_table(records: list[dict]) -> list[tuple[str, list[str], list[list[st
         base = baselines.get(fw)
         rows = []
         if base is not None:
-            rows.append([base["name"], "(no DCA: baseline)", pct(miou_of(base)), "", "–"])
+            rows.append([base["name"], "(no DCA: baseline)", mean_sd_cell(seed_values(base)), "", "–"])
         order = list(FUSION_LABEL)
         for r in sorted(same, key=lambda r: order.index(r["flat"]["mcibi.fusion"])):
-            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], pct(miou_of(r)),
-                         delta(miou_of(r), miou_of(base)) if base else "–",
+            rows.append([r["name"], FUSION_LABEL[r["flat"]["mcibi.fusion"]], mean_sd_cell(seed_values(r)),
+                         delta_cell(versus(r, base)) if base else "–",
                          _other_differences(r, main, ["mcibi.fusion"])])
-        tables.append((fw, ["model", "fusion F", "mIoU (%)", "Δ vs baseline", "other differences"], rows))
+        tables.append((fw, ["model", "fusion F", "mIoU (%)", "Δ vs baseline [95% CI]", "other differences"], rows))
     return tables
 
 
@@ -374,16 +443,16 @@ def memory_table(records: list[dict]) -> list[tuple[str, list[str], list[list[st
         base = baselines.get(fw)
         rows = []
         if base is not None:
-            rows.append([base["name"], "–", "–", "–", "–", pct(miou_of(base)), "", "–"])
+            rows.append([base["name"], "–", "–", "–", "–", mean_sd_cell(seed_values(base)), "", "–"])
         for r in same:
             f = r["flat"]
             p = f["mcibi.momentum_power"]
             schedule = "constant" if p == 0 else f"poly (p={p})"
             rows.append([r["name"], str(f["mcibi.init"]), str(f["mcibi.update"]), schedule,
-                         "✓" if f["mcibi.rcl"] else "✗", pct(miou_of(r)),
-                         delta(miou_of(r), miou_of(base)) if base else "–",
+                         "✓" if f["mcibi.rcl"] else "✗", mean_sd_cell(seed_values(r)),
+                         delta_cell(versus(r, base)) if base else "–",
                          _other_differences(r, main, [f"mcibi.{k}" for k in MEMORY_KEYS])])
-        tables.append((fw, ["model", "memory init", "update", "momentum", "RCL", "mIoU (%)", "Δ vs baseline",
+        tables.append((fw, ["model", "memory init", "update", "momentum", "RCL", "mIoU (%)", "Δ vs baseline [95% CI]",
                             "other differences"], rows))
     return tables
 
@@ -656,15 +725,16 @@ def _every_trial_tables(doc: Document, rows: list[dict], keys: list[str], longes
 
 def _add_noise_section(doc: Document, rows: list[dict], scale: float) -> None:
     """How far to trust each sweep: its grid's spread beside the seed-to-seed spread of its repeats."""
-    doc.paragraph("How far to trust the sweeps: each sweep's best and worst configuration were trained again with "
-                  "another seed for the same number of epochs (`tune.seed_repeats`). A grid whose spread is "
-                  "within twice the seed-to-seed spread ranks its configurations by noise.")
+    doc.paragraph("How far to trust the sweeps: each sweep's best and worst configuration among the trials that ran "
+                  "every epoch were trained again with another seed for as many epochs (`tune.seed_repeats`). "
+                  "Only trials of equal length are compared, and two configurations are told apart only when "
+                  "they differ by more than the 95% band of seed noise those repeats give.")
     for name in dict.fromkeys(r.get("sweep") for r in rows):
         sweep_rows = [r for r in rows if r.get("sweep") == name]
         noise = noise_level(sweep_rows)
         if noise is not None:
             ran = {r.get("trial_id"): r.get("epochs") for r in sweep_rows}
-            doc.table(["configuration (trial)", "mIoU (%) at params.seed", "mIoU (%) at seed + 1", "change",
+            doc.table(["configuration (trial)", "mIoU (%) at the sweep's seed", "mIoU (%) at seed + 1", "change",
                        "epochs (each run)"],
                       [[str(trial), fmt_num(scale * a, 2), fmt_num(scale * b, 2), f"{scale * (b - a):+.2f}",
                         fmt_num(ran.get(trial), 0)] for trial, a, b in noise["pairs"]],

@@ -41,6 +41,7 @@ from ctxseg.report import (
     miou_of,
     paper_table5,
     pct,
+    seeds_note,
     trained_cost_rows,
     finite,
 )
@@ -93,8 +94,9 @@ class StudyLayout:
 
         return details_file(self.metrics, name)
 
-    def run_file(self, name: str) -> Path:
-        return self.models / name / "run.json"
+    def run_file(self, name: str, seed: int) -> Path:
+        """One seed's training record (``models/<model>/seeds/<seed>/run.json``)."""
+        return self.models / name / "seeds" / str(seed) / "run.json"
 
     @property
     def registry_file(self) -> Path:
@@ -108,17 +110,20 @@ def read_json(path: Path, what: str, fix: str) -> Any:
 
 
 def collect_results(params: Params, layout: StudyLayout) -> list[dict]:
-    """One record per model of params: its resolved config, its evaluation record and run.json.
+    """One record per model of params: its resolved config, its evaluation record and a run.json.
 
-    ``record["metrics"]`` is ``metrics/<model>.details.json`` (the full record: headline numbers,
-    ``per_class_iou``, ``ms_flip``, ``num_params``, ``run_id``, ...), not the DVC metrics file, which
-    holds the headline numbers only."""
+    ``record["metrics"]`` is ``metrics/<model>.details.json`` (the full record over seeds: the means of the
+    headline numbers, ``per_class_iou`` and ``ms_flip``, ``sd``, each seed's numbers under ``seeds``,
+    ``num_params``, ``run_id``, ...), not the DVC metrics file, which holds the headline numbers only.
+    ``record["run"]`` is the first seed's run.json (its curves stand for the model's in the figures) and
+    ``record["run_id"]`` the model's parent MLflow run, which groups its seeds."""
     records = []
     defaults = flatten(params.model.model_dump(mode="json"))
     for name, cfg in params.models.items():
         metrics = read_json(layout.details_file(name), f"evaluation record of model {name!r}",
                             f"Run `dvc repro evaluate@{name}` first.")
-        run_file = layout.run_file(name)
+        seeds = [s["seed"] for s in metrics.get("seeds", [])] or params.seeds
+        run_file = layout.run_file(name, seeds[0])
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
         flat = flatten(cfg.model_dump(mode="json"))
         # options of a context head other than the model's own do not make it a variant
@@ -348,17 +353,19 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
     lines = headline(records, complexity, trained)
     if lines:
         doc.bullets(lines)
-        doc.paragraph("Single training run per model: differences of about a point or less can be seed noise."
-                      + (" Costs are params / FLOPs of the context module in MCIBI Table 3's setting and CPU "
+        doc.paragraph(seeds_note(records)
+                      + (" Costs are params / multiply-adds of the context module in MCIBI Table 3's setting and CPU "
                          "latency measured here (see the complexity section), then the whole model's params, "
                          "FLOPs and CPU latency per image as trained here." if complexity else ""))
     else:
         doc.paragraph("No context model (MCIBI or ACF) in this study.")
 
     doc.heading("Main results (MCIBI Table 5 layout)")
-    doc.table(*paper_table5(records), caption="mIoU (%) single-scale / multi-scale + flip; Δ against the "
-                                              "framework's baseline, in mIoU points")
-    doc.table(*main_results_table(records), caption="Every model (single scale unless marked ms+flip)")
+    doc.table(*paper_table5(records), caption="single-scale mIoU (%), mean ± sd over seeds; Δ against the "
+                                              "framework's baseline in mIoU points, its 95% interval over seeds "
+                                              "and the verdict (multi-scale + flip in the next table)")
+    doc.table(*main_results_table(records), caption="Every model over its seeds (single scale unless marked "
+                                                    "ms+flip): mean ± sd, each seed's mIoU, Δ [95% CI] and verdict")
     ctx_table = context_class_table(records, meta)
     if ctx_table:
         doc.table(*ctx_table, caption="IoU (%) of the classes that look alike and are told apart only by "
@@ -516,7 +523,8 @@ def _mlflow_section(doc: Document, params: Params, records: list[dict], registry
     doc.heading("MLflow runs")
     local_ui = tracking_uri.startswith(("sqlite", "file"))
     base = "http://127.0.0.1:5000" if local_ui else tracking_uri.rstrip("/")
-    doc.table(["model", "MLflow run id", "epochs", "final val mIoU (%)", "run page (with the UI running)"],
+    doc.table(["model", "MLflow run id (the model's; its seeds are nested in it)", "epochs",
+               "final val mIoU (%, first seed)", "run page (with the UI running)"],
               [[r["name"], r["run_id"] or "–", str(r["run"].get("epochs", "–")),
                 pct((r["run"].get("history") or [{}])[-1].get("val_mIoU")),
                 f"{base}/#/experiments/{r['run']['experiment_id']}/runs/{r['run_id']}"
@@ -524,7 +532,10 @@ def _mlflow_section(doc: Document, params: Params, records: list[dict], registry
     registry = registry or {"status": "missing", "reason": f"`{REGISTRY_RECORD}` does not exist (run `dvc repro "
                                                            "register`)"}
     if registry.get("status") in ("registered", "reused"):
-        doc.paragraph(f"Best model by mIoU: `{registry['model']}` ({pct(registry['mIoU'])}%), registered as "
+        seed = f", seed {registry['seed']} of its {registry['seeds']} with {pct(registry['mIoU'])}%" \
+            if registry.get("seeds") else ""
+        doc.paragraph(f"Best model by mean mIoU: `{registry['model']}` ({pct(registry.get('mean_mIoU', registry['mIoU']))}%"
+                      f"{seed}), registered as "
                       f"`{registry['registered_model']}` version {registry['version']} with alias `best` (predict "
                       f"with it: `ctxseg-predict --model {registry['uri']} --input <images> --output <folder>`).")
     else:

@@ -69,40 +69,67 @@ def grid_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r.get("repeat_of")]
 
 
+def full_length(rows: list[dict]) -> list[dict]:
+    """The grid's finished trials that ran the most epochs: the like-for-like set (ASHA stops weak trials
+    early, and a score after 2 epochs is no comparison for one after 4)."""
+    done = [r for r in grid_rows(rows) if finite(r["best_mIoU"]) and finite(r.get("epochs"))]
+    longest = max((r["epochs"] for r in done), default=None)
+    return [r for r in done if r["epochs"] == longest]
+
+
 def repeat_targets(rows: list[dict]) -> list[dict]:
-    """The best and the worst finished trial of one sweep (by best mIoU), to be trained again with
-    another seed; empty with fewer than two finished trials."""
-    done = sorted((r for r in grid_rows(rows) if finite(r["best_mIoU"])), key=lambda r: r["best_mIoU"])
+    """The best and the worst full-length trial of one sweep (by best mIoU), to be trained again with
+    another seed for as many epochs; empty with fewer than two such trials."""
+    done = sorted(full_length(rows), key=lambda r: r["best_mIoU"])
     return [done[-1], done[0]] if len(done) >= 2 else []
 
 
 def noise_level(rows: list[dict]) -> Optional[dict]:
-    """The grid's spread and the seed-to-seed spread of one sweep's rows, or None without repeats.
+    """How one sweep's differences compare with seed noise, like for like; None without repeats.
 
-    ``grid_spread`` = max - min best mIoU over the grid's trials; ``seed_spread`` = the largest
-    |repeat - original| best mIoU over the repeated configurations (each pair at equal epochs)."""
-    grid = [r for r in grid_rows(rows) if finite(r["best_mIoU"])]
+    Over the full-length trials (:func:`full_length`): ``grid_spread`` = max - min best mIoU and
+    ``best_lead`` = best - runner-up. From the seed repeats of those trials (each at equal epochs):
+    ``seed_sd`` = sqrt(mean(d^2) / 2), d = repeat - original, the seed-to-seed standard deviation of one
+    trial's score, and ``half_width`` = t(0.975, df = pairs) * sqrt(2) * seed_sd, the 95% half-width of
+    the difference of two configurations' single-seed scores. ``seed_spread`` = the largest |d|."""
+    grid = full_length(rows)
     by_id = {r["trial_id"]: r for r in grid}
     pairs = [(by_id[r["repeat_of"]], r) for r in rows
-             if r.get("repeat_of") in by_id and finite(r["best_mIoU"])]
+             if r.get("repeat_of") in by_id and finite(r["best_mIoU"]) and r.get("epochs") == by_id[r["repeat_of"]]["epochs"]]
     if len(grid) < 2 or not pairs:
         return None
-    values = [r["best_mIoU"] for r in grid]
-    return {"grid_spread": max(values) - min(values),
-            "seed_spread": max(abs(rep["best_mIoU"] - orig["best_mIoU"]) for orig, rep in pairs),
+    from scipy.stats import t
+
+    values = sorted((r["best_mIoU"] for r in grid), reverse=True)
+    diffs = [rep["best_mIoU"] - orig["best_mIoU"] for orig, rep in pairs]
+    seed_sd = math.sqrt(sum(d * d for d in diffs) / len(diffs) / 2)
+    return {"epochs": grid[0]["epochs"], "trials": len(grid), "grid_spread": values[0] - values[-1],
+            "best_lead": values[0] - values[1], "seed_spread": max(abs(d) for d in diffs), "seed_sd": seed_sd,
+            "half_width": float(t.ppf(0.975, len(diffs))) * math.sqrt(2) * seed_sd,
             "pairs": [(orig["trial_id"], orig["best_mIoU"], rep["best_mIoU"]) for orig, rep in pairs]}
+
+
+def best_is_distinguishable(noise: Optional[dict]) -> bool:
+    """True when the best configuration leads the runner-up by more than the 95% half-width of seed noise."""
+    return noise is not None and noise["best_lead"] > noise["half_width"]
 
 
 def noise_verdict(noise: Optional[dict]) -> str:
     """One sentence on whether the grid's differences exceed what a change of seed alone gives."""
     if noise is None:
-        return ("No seed repeats ran (tune.seed_repeats is off or fewer than two trials finished): the grid's "
-                "differences cannot be told apart from seed noise.")
-    grid, seed = 100 * noise["grid_spread"], 100 * noise["seed_spread"]
-    head = f"Grid spread {grid:.2f} mIoU points; seed-to-seed spread of the repeated configurations {seed:.2f}."
-    if grid <= 2 * seed:
+        return ("No seed repeats ran (tune.seed_repeats is off or fewer than two trials ran every epoch): the "
+                "grid's differences cannot be told apart from seed noise.")
+    grid, lead, band = 100 * noise["grid_spread"], 100 * noise["best_lead"], 100 * noise["half_width"]
+    head = (f"Among the {noise['trials']} trials that ran all {int(noise['epochs'])} epochs the grid spans {grid:.2f} "
+            f"mIoU points and the best leads the next by {lead:.2f}; seed noise from {len(noise['pairs'])} repeat(s) at "
+            f"equal epochs: sd {100 * noise['seed_sd']:.2f} points per trial, so two configurations must differ by "
+            f"more than ±{band:.2f} points (95%, Welch/t) to be told apart.")
+    if grid <= band:
         return head + " The configurations are not distinguishable at this budget."
-    return head + " The grid's spread exceeds twice the seed noise: its ranking is more than seed noise."
+    if lead <= band:
+        return head + (" The grid spans more than seed noise, but the best configuration is not distinguishable from "
+                       "the next: no single best configuration at this budget.")
+    return head + " The best configuration's lead is more than seed noise."
 
 
 def best_configs(params: Params, rows: list[dict]) -> tuple[dict, dict[str, dict]]:
@@ -142,12 +169,24 @@ def changed_overrides(params: Params, best: dict) -> dict[str, dict]:
 
 def best_yaml_text(params: Params, rows: list[dict]) -> str:
     """``tune/best.yaml``: the best configuration per swept model, in params.yaml vocabulary."""
+    if not params.tune.enabled:
+        return ("# Sweeps are off (tune.enabled: false): no trial ran. Switch them on with\n"
+                "#   dvc exp run -S tune.enabled=true\n")
     best, overrides = best_configs(params, rows)
     parse_params(best, source="tune/best.yaml")  # valid params vocabulary by construction
-    header = ["# Best configuration per swept model (params.yaml vocabulary), written by the tune stage.",
-              f"# Metric: {params.tune.metric} (best epoch of each trial).",
-              "# Train the final models with these values:",
-              f"#   {best_command(overrides) if overrides else '(no finished trial)'}"]
+    supported = {name: best_is_distinguishable(noise_level([r for r in rows if r["sweep"] == name]))
+                 for name in params.tune.sweeps}
+    header = ["# Highest-scoring configuration per swept model (params.yaml vocabulary), written by the tune stage.",
+              f"# Metric: {params.tune.metric} (best epoch of each trial)."]
+    if not overrides:
+        header.append("# (no finished trial)")
+    elif all(supported.values()):
+        header += ["# Train the final models with these values:", f"#   {best_command(overrides)}"]
+    else:
+        weak = ", ".join(n for n, ok in supported.items() if not ok)
+        header += [f"# NOT A RECOMMENDATION for sweep(s) {weak}: their best configuration is not distinguishable from",
+                   "# the next at this budget (see the verdicts below); these values only scored highest once.",
+                   f"#   highest score only: {best_command(overrides)}"]
     for model, chosen in overrides.items():
         row = max((r for r in grid_rows(rows) if r["model"] == model and finite(r["best_mIoU"])),
                   key=lambda r: r["best_mIoU"])

@@ -45,6 +45,10 @@ class Paths:
     def model_dir(self, name: str) -> Path:
         return self.models / name
 
+    def seed_dir(self, name: str, seed: int) -> Path:
+        """One seed's model file and run record: ``models/<model>/seeds/<seed>/`` (the train stage's output)."""
+        return self.models / name / "seeds" / str(seed)
+
     def metrics_file(self, name: str) -> Path:
         return self.metrics / f"{name}.json"
 

@@ -3,7 +3,8 @@
     python -m pipeline.predict --model MODEL --input IMAGE_OR_FOLDER --output DIR
     ctxseg-predict --model models/fcn_mcibi --input photo.jpg --output out/
 
-MODEL is a ``model.pt`` written by the train stage (or its ``models/<name>/`` folder), an MLflow model
+MODEL is a ``model.pt`` written by the train stage (``models/<name>/seeds/<seed>/model.pt``, its folder, or
+``models/<name>/``, which takes the first seed), an MLflow model
 URI (``runs:/<run id>/model``, ``models:/<registered name>@best``) or a bare MLflow run id. For every
 input image ``<stem>`` it writes, at the input's size:
 
@@ -47,12 +48,20 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def read_model_source(source: str, params_file: Optional[Path] = None) -> ModelFile:
     """The model file named by ``--model``: a path, a folder, ``runs:/…``, ``models:/…`` or a run id."""
     path = Path(source)
+    if path.is_dir() and not (path / "model.pt").is_file() and (path / "seeds").is_dir():
+        seeds = sorted((p for p in (path / "seeds").iterdir() if (p / "model.pt").is_file()),
+                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+        if seeds:  # a model folder of the train stage: one model file per seed
+            log.info("%s: using seed %s of %s (pass %s/seeds/<seed> for another)", path, seeds[0].name,
+                     ", ".join(p.name for p in seeds), path)
+            path = seeds[0]
     if path.is_dir():
         path = path / "model.pt"
     if path.suffix == ".pt" or path.exists():
         if not path.is_file():
-            raise PredictError(f"{path}: no such model file. Pass models/<name>/model.pt (written by `dvc repro "
-                               "train`), a models/<name> folder, an MLflow runs:/ or models:/ URI, or a run id.")
+            raise PredictError(f"{path}: no such model file. Pass models/<name>/seeds/<seed>/model.pt (written by "
+                               "`dvc repro train`), a models/<name> folder, an MLflow runs:/ or models:/ URI, or a "
+                               "run id.")
         return read_model_file(path)
     if RUN_ID.match(source):
         source = f"runs:/{source}/model"
@@ -132,7 +141,8 @@ def _scales(text: str) -> list[float]:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
-                        help="models/<name>/model.pt (or its folder), runs:/<run id>/model, models:/<name>@best, or a run id")
+                        help="models/<name>/seeds/<seed>/model.pt (or its folder, or models/<name> for its first seed), "
+                             "runs:/<run id>/model, models:/<name>@best, or a run id")
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument("--output", required=True, type=Path, help="folder for <stem>_mask.png and <stem>_overlay.png")
     parser.add_argument("--meta", type=Path, default=None,

@@ -1,4 +1,5 @@
-"""DVC stage ``register``: the best model (by single-scale mIoU) into the MLflow Model Registry.
+"""DVC stage ``register``: the best model (by its mean single-scale mIoU over seeds) into the MLflow Model
+Registry; of that model, the weights of its best seed.
 
 The models' mIoU and MLflow run ids are read from ``metrics/<model>.details.json`` (the evaluate
 stage's full record; ``metrics/<model>.json`` is the DVC metrics file with the headline numbers only).
@@ -37,18 +38,22 @@ def register_best_model(params: Params, paths: common.Paths, records: list[dict]
     if not scored:
         return {"status": "skipped", "reason": "no model has a finite mIoU"}
     best = max(scored, key=miou_of)
-    out = {"model": best["name"], "mIoU": miou_of(best), "run_id": best["run_id"]}
+    seeds = [s for s in best["metrics"].get("seeds", []) if finite(s.get("mIoU"))]
+    top = max(seeds, key=lambda s: s["mIoU"]) if seeds else {"mIoU": miou_of(best), "run_id": best["run_id"]}
+    out = {"model": best["name"], "mean_mIoU": miou_of(best), "seeds": len(seeds), "seed": top.get("seed"),
+           "mIoU": top["mIoU"], "run_id": top.get("run_id")}
     if not params.report.register_model:
         return {**out, "status": "skipped", "reason": "`report.register_model` is false"}
-    if not best["run_id"]:
-        return {**out, "status": "skipped", "reason": f"{best['name']} has no MLflow run (models/{best['name']}/run.json)"}
+    if not out["run_id"]:
+        return {**out, "status": "skipped", "reason": f"{best['name']} seed {out['seed']} has no MLflow run "
+                                                      f"(models/{best['name']}/seeds/{out['seed']}/run.json)"}
     name = params.report.registered_model_name or f"ctxseg-{params.data.name}"
     out["registered_model"] = name
     client = reachable_client(params, paths)
     if client is None:
         return {**out, "status": "failed", "reason": "the MLflow tracking store cannot be reached"}
     try:
-        run_id = best["run_id"]
+        run_id = out["run_id"]
         if MODEL_ARTIFACT not in {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT_DIR)}:
             return {**out, "status": "skipped", "reason": f"run {run_id} logged no model (no `{MODEL_ARTIFACT}` "
                                                           "artifact; was `mlflow.log_model` false?)"}
@@ -60,10 +65,12 @@ def register_best_model(params: Params, paths: common.Paths, records: list[dict]
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name, description="best ctxseg model by validation mIoU")
             version = client.create_model_version(name, source=source, run_id=run_id,
-                                                  tags={"model": best["name"], "dataset": params.data.name})
+                                                  tags={"model": best["name"], "dataset": params.data.name,
+                                                        "seed": str(out["seed"])})
             status = "registered"
         client.set_registered_model_alias(name, ALIAS, version.version)
-        client.set_model_version_tag(name, version.version, "mIoU", f"{miou_of(best):.6f}")
+        client.set_model_version_tag(name, version.version, "mIoU", f"{out['mIoU']:.6f}")
+        client.set_model_version_tag(name, version.version, "mean_mIoU_over_seeds", f"{miou_of(best):.6f}")
         client.set_model_version_tag(name, version.version, "model", best["name"])
         return {**out, "status": status, "version": str(version.version), "alias": ALIAS, "source": source,
                 "uri": f"models:/{name}@{ALIAS}"}

@@ -33,20 +33,22 @@ log = logging.getLogger("ctxseg.report")
 
 def loss_histories(params: Params, paths: common.Paths, records: list[dict]) -> dict[str, dict]:
     """model -> {"loss_o": (steps, values), "loss_aux": ..., ...}: every loss term (``loss_*``) each
-    model's MLflow run logged, per iteration; {} without MLflow (the report then uses run.json)."""
-    if not params.report.training_curves_from_mlflow or not any(r["run_id"] for r in records):
+    model's first seed logged in its MLflow run, per iteration; {} without MLflow (the report then uses
+    run.json)."""
+    if not params.report.training_curves_from_mlflow or not any(r["run"].get("run_id") for r in records):
         return {}
     client = reachable_client(params, paths)
     if client is None:
         return {}
     out: dict[str, dict] = {}
     for r in records:
-        if not r["run_id"]:
+        run_id = r["run"].get("run_id")
+        if not run_id:
             continue
         try:
-            keys = sorted(k for k in client.get_run(r["run_id"]).data.metrics if k.startswith("loss_")) or [LOSS_KEY]
+            keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("loss_")) or [LOSS_KEY]
             for key in keys:
-                points = sorted(client.get_metric_history(r["run_id"], key), key=lambda m: m.step)
+                points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
                 if points:
                     out.setdefault(r["name"], {})[key] = ([m.step for m in points], [m.value for m in points])
         except Exception as err:  # a deleted run or an unreachable server: fall back to run.json

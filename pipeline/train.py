@@ -61,11 +61,6 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def seed_dir(model_dir: Path, seed: int) -> Path:
-    """Where one seed's model file and run record go (``models/<model>/seeds/<seed>``, a DVC output)."""
-    return model_dir / "seeds" / str(seed)
-
-
 def storage_of(params: Params, model_dir: Path) -> str:
     """Where a seed's Ray runs keep checkpoints: ``ray.storage_path/<model>/seed<s>`` or
     ``models/<model>/ray/seed<s>``."""
@@ -84,12 +79,13 @@ def warn_node_local_storage(storage: str) -> None:
 class SeedRun:
     """One seed's training run: its resume record, checkpoint storage and MLflow run (nested in the model's)."""
 
-    def __init__(self, params: Params, model_name: str, model_dir: Path):
+    def __init__(self, params: Params, model_name: str, paths: common.Paths):
         self.params, self.model_name, self.seed = params, model_name, params.seed
         self.tag = f"[{model_name} seed {self.seed}]"
         self.fingerprint = training_fingerprint(params, model_name)
+        model_dir = paths.model_dir(model_name)
         self.storage, self.ray_name = storage_of(params, model_dir), f"run-{self.fingerprint}"
-        self.out_dir = seed_dir(model_dir, self.seed)
+        self.out_dir = paths.seed_dir(model_name, self.seed)
         self.resume_file = model_dir / "ray" / f"seed{self.seed}" / "resume.json"
         self.previous = common.read_json(self.resume_file, "", "") if self.resume_file.is_file() else {}
         same = self.previous.get("fingerprint") == self.fingerprint
@@ -183,7 +179,7 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
     experiment_id = mlflow_store.experiment_id(params, paths.root)
     client = mlflow.MlflowClient(uri)
     parent_run_id = open_model_run(params, model_name, model_dir, client, experiment_id, paths.root)
-    runs = [SeedRun(params.for_seed(seed), model_name, model_dir) for seed in params.seeds]
+    runs = [SeedRun(params.for_seed(seed), model_name, paths) for seed in params.seeds]
 
     summaries, started = [], None
     for run in runs:

@@ -31,6 +31,8 @@ from typing import Optional
 
 import yaml
 
+from ctxseg.report import read_sweep
+
 from ctxseg import sweep as sweeps
 from ctxseg.config import Params, params_to_dict
 from ctxseg.io import write_json, write_text
@@ -155,14 +157,17 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
         build_segmentor(params.model_config_of(sweep.model), int(meta["num_classes"]))
     paths.tune.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if params.tune.sweeps:
+    if not params.tune.enabled:
+        log.info("sweeps are off (tune.enabled: false): nothing to run; switch them on with "
+                 "`dvc exp run -S tune.enabled=true` (README: Sweeps)")
+    elif params.tune.sweeps:
         uri = mlflow_store.tracking_uri(params, paths.root)
         ray_env.init_ray(params, paths.root, params.ray.num_cpus)
         dataset = dataset_access.publish(paths.prepared, params.ray.data_path)
         store, client = tracking.start_store_actor(uri), mlflow.MlflowClient(uri)
         for name in params.tune.sweeps:
             rows += run_sweep(params, name, paths, store, client, dataset)
-    keys = list(dict.fromkeys(k for s in params.tune.sweeps.values() for k in s.space))
+    keys = list(dict.fromkeys(k for s in params.tune.sweeps.values() for k in s.space)) if params.tune.enabled else []
     write_text(paths.tune / "results.csv", sweeps.results_csv(rows, keys))
     write_text(paths.tune / "best.yaml", sweeps.best_yaml_text(params, rows))
     failed = [r for r in rows if r["status"] == "ERROR"]
@@ -186,7 +191,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not best_file.is_file():
             raise FileNotFoundError(f"{best_file}: no sweep results yet. Run `dvc repro tune` first.")
         best = yaml.safe_load(best_file.read_text()) or {}
-        print(sweeps.best_command(sweeps.changed_overrides(params, best)))
+        command = sweeps.best_command(sweeps.changed_overrides(params, best))
+        rows = read_sweep(paths.tune / "results.csv") if (paths.tune / "results.csv").is_file() else []
+        weak = [name for name in params.tune.sweeps
+                if not sweeps.best_is_distinguishable(sweeps.noise_level([r for r in rows if r.get("sweep") == name]))]
+        if weak:  # printed as shell comments: pasting them runs nothing
+            print(f"# NOT A RECOMMENDATION: in sweep(s) {', '.join(weak)} the best configuration is not "
+                  "distinguishable from the next at this budget (tune/best.yaml, the report's sweep verdicts).")
+            print(f"# highest score only: {command}")
+        else:
+            print(command)
         return
     run_all(params, paths)
 

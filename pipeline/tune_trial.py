@@ -99,7 +99,8 @@ def run_trial(config: dict, *, context: dict) -> None:
         run_id = tracking.create_run(client, context["experiment_id"], tp, sweep.model, context["origin"],
                                      f"{label} · {tracking.run_name(tp, sweep.model)}{context['label']}", tags)
     # Logged on re-attach too: the interruption may have come between creating the run and its params.
-    tracking.log_run_params(client, run_id, tp, sweep.model, {f"tune.{k}": v for k, v in overrides.items()})
+    tracking.log_run_params(client, run_id, tp, sweep.model,
+                            {"seed": tp.seed, **{f"tune.{k}": v for k, v in overrides.items()}})
     trainer = make_trainer(tp, sweep.model, dataset=context["dataset"], store=context["store"], run_id=run_id,
                            storage=f"{context['storage']}/trials", name=trial_id, callbacks=[TuneReportCallback()])
     try:
