@@ -73,7 +73,7 @@ def _worker(spec: dict) -> dict:
         memory = torch.randn(19, c, device=dev)
         call = lambda: mod(feats, w_logits, memory)  # noqa: E731
     else:
-        mod = acf_mod.ACF(c, channels=512, heads=4, mixtures=2, dropout=dropout).to(dev)
+        mod = acf_mod.ACF(c, heads=4, mixtures=2, dropout=dropout).to(dev)  # the authors' widths: d = dv = C/H
         feats = torch.randn(batch, c, size, size, device=dev, requires_grad=True)
         call = lambda: mod(feats)  # noqa: E731
     mod.train()
@@ -146,7 +146,7 @@ def _precision(quick: bool) -> List[dict]:
     out = []
     cases = {
         "dca kernel": ((1, 1, n, 256), (1, 1, n, 256), (1, 1, n, 256), 256 ** -0.5),
-        "acf kernel": ((1, 4, 2, n, 64), (1, 4, 2, n // 4, 64), (1, 4, n // 4, 128), 64 ** -0.5),
+        "acf kernel": ((1, 4, 2, n, 128), (1, 4, 2, n // 4, 128), (1, 4, n // 4, 128), 256 ** -0.5),
     }
     for name, (qs, ks, vs, scale) in cases.items():
         base = [torch.randn(s, generator=g, dtype=torch.float64) for s in (qs, ks, vs)]

@@ -5,7 +5,7 @@ buffer included), the optimiser, the AMP scaler, :class:`ctxseg.engine.TrainStat
 generator (see :func:`ctxseg.engine.checkpoint_payload`). ``state.pt`` is written to a temporary name
 and renamed, so a folder either holds a complete checkpoint or none.
 
-**Model file** (``models/<model>/model.pt``) — what inference needs and nothing else: the weights, the
+**Model file** (``models/<model>/seeds/<seed>/model.pt``) — what inference needs and nothing else: the weights, the
 model config, the class count and names, the dataset and the model name, plus a format tag. It is
 self-contained: the config is stored with ``backbone.pretrained`` cleared (the ImageNet file it was
 initialised from is recorded under ``pretrained_from``), so evaluate, predict and the registry never
@@ -92,7 +92,7 @@ def read_model_file(path: Union[str, Path], expected_classes: Optional[int] = No
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: trained model not found. Run `dvc repro train` first, or pass the "
-                             "models/<model>/model.pt it writes.")
+                             "models/<model>/seeds/<seed>/model.pt it writes.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # a pickle holding more than tensors and plain containers
@@ -105,7 +105,7 @@ def read_model_file(path: Union[str, Path], expected_classes: Optional[int] = No
     missing = [k for k in ("model", "model_config", "num_classes") if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise ModelFileError(f"{path}: not a ctxseg model file (missing {missing}); expected the "
-                             "models/<model>/model.pt written by the train stage")
+                             "models/<model>/seeds/<seed>/model.pt written by the train stage")
     record = ModelFile(weights=payload["model"], model_config=payload["model_config"],
                        num_classes=int(payload["num_classes"]), class_names=payload.get("class_names"),
                        dataset=payload.get("dataset"), model_name=payload.get("model_name"),

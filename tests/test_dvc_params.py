@@ -105,6 +105,6 @@ def test_printed_add_or_set_form_reaches_a_model_without_that_block(tmp_path):
     apply_overrides(str(params_file), ["++models.fcn_acf.acf.mixtures=1"])
     params = load_params(params_file)
     assert (params.models["fcn_acf"].acf.heads, params.models["fcn_acf"].acf.mixtures) == (4, 1)
-    assert params.models["fcn_acf"].acf.channels == params.model.acf.channels, "the rest still inherits"
+    assert params.models["fcn_acf"].acf.output == params.model.acf.output, "the rest still inherits"
     apply_overrides(str(params_file), ["++models.fcn_acf.acf.heads=2"])
     assert load_params(params_file).models["fcn_acf"].acf.heads == 2

@@ -46,30 +46,39 @@ def save_model(path: Path, cfg: ModelConfig, num_classes: int = len(CLASSES), se
     return model
 
 
-def small_params(**evaluate):
+def small_params(seeds=(0,), **evaluate):
     ev = {"scales": [0.75, 1.0], "flip": True, "num_visualisations": 2, "batch_size": 2, "log_mlflow": False}
     ev.update(evaluate)
-    return parse_params({"models": {"fcn": {"context": "none", "channels": 16},
-                                    "fcn_mcibi": {"context": "mcibi", "channels": 16}},
+    return parse_params({"seeds": list(seeds), "models": {"fcn": {"context": "none", "channels": 16},
+                                                          "fcn_mcibi": {"context": "mcibi", "channels": 16}},
                          "evaluate": ev})
 
 
 def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
     from pipeline.evaluate import evaluate_model
 
-    params = small_params()
+    params = small_params(seeds=(3, 7))
     paths = common.Paths(params, root=tmp_path)
     make_prepared(paths.prepared)
-    model = save_model(paths.model_dir("fcn_mcibi") / "model.pt", params.models["fcn_mcibi"])
+    models = [save_model(paths.seed_dir("fcn_mcibi", s) / "model.pt", params.models["fcn_mcibi"], seed=s)
+              for s in (3, 7)]
+    model = models[0]  # the first seed's predictions and features stand for the model
 
     report = evaluate_model(params, "fcn_mcibi", paths)
 
-    # the DVC metrics file: the headline numbers only, flat, numbers (one short row in `dvc metrics show`)
+    # the DVC metrics file: the headline numbers only, flat, numbers (one short row in `dvc metrics show`):
+    # the means over seeds under the plain names, so `dvc metrics diff` compares means, then their sd
     headline = json.loads(paths.metrics_file("fcn_mcibi").read_text())
-    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU"]
-    assert all(type(v) is float and 0 <= v <= 1 for v in headline.values())
+    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU", "mIoU_sd", "pixAcc_sd", "mAcc_sd",
+                              "ms_flip_mIoU_sd", "seeds"]
+    assert headline["seeds"] == 2
+    assert all(type(v) is float and 0 <= v <= 1 for k, v in headline.items() if k != "seeds")
     assert headline["mIoU"] == pytest.approx(report["mIoU"])
     assert headline["ms_flip_mIoU"] == pytest.approx(report["ms_flip"]["mIoU"])
+    per_seed = [s["mIoU"] for s in report["seeds"]]
+    assert [s["seed"] for s in report["seeds"]] == [3, 7] and per_seed[0] != per_seed[1]
+    assert headline["mIoU"] == pytest.approx(sum(per_seed) / 2)
+    assert headline["mIoU_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     # everything else: the details record (what register and report read)
     metrics = json.loads((paths.metrics / "fcn_mcibi.details.json").read_text())
     assert metrics == json.loads(json.dumps(report))
@@ -84,16 +93,20 @@ def test_evaluate_writes_metrics_plots_predictions_and_features(tmp_path):
     from ctxseg.metrics import ConfusionMatrix
 
     ds = SegmentationDataset(paths.prepared, "val", build_eval_transform(params.data))
-    cm = ConfusionMatrix(len(CLASSES))
-    preds = {}
+    matrices, preds = [], {}
     with torch.no_grad():
-        for i in range(len(ds)):
-            image, label = ds[i]
-            preds[ds.ids[i]] = model(image[None])["logits"].argmax(1)[0]
-            cm.update(preds[ds.ids[i]], label)
-    assert metrics["mIoU"] == pytest.approx(cm.compute()["mIoU"])
+        for n, m in enumerate(models):
+            cm = ConfusionMatrix(len(CLASSES))
+            for i in range(len(ds)):
+                image, label = ds[i]
+                pred = m(image[None])["logits"].argmax(1)[0]
+                preds.setdefault(ds.ids[i], pred)  # the first seed's
+                cm.update(pred, label)
+            assert report["seeds"][n]["mIoU"] == pytest.approx(cm.compute()["mIoU"])
+            matrices.append(cm.matrix)
+    assert metrics["mIoU"] == pytest.approx(np.mean([s["mIoU"] for s in report["seeds"]]))
     confusion = json.loads((paths.plots / "fcn_mcibi" / "confusion.json").read_text())
-    assert confusion["matrix"] == cm.matrix.tolist()
+    assert confusion["matrix"] == (matrices[0] + matrices[1]).tolist(), "pixel counts summed over seeds"
 
     # DVC plots data
     bars = json.loads((paths.plots / "fcn_mcibi" / "per_class_iou.json").read_text())
@@ -143,10 +156,12 @@ def test_evaluate_without_multi_scale_has_no_ms_block_and_baseline_has_no_memory
                           stride=12)
     paths = common.Paths(params, root=tmp_path)
     make_prepared(paths.prepared, n=2)
-    save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"])
+    save_model(paths.seed_dir("fcn", 0) / "model.pt", params.models["fcn"])
     report = evaluate_model(params, "fcn", paths)
     assert "ms_flip" not in report and report["inference"]["mode"] == "slide"
-    assert list(json.loads(paths.metrics_file("fcn").read_text())) == ["mIoU", "pixAcc", "mAcc"]
+    headline = json.loads(paths.metrics_file("fcn").read_text())
+    assert headline == {**{k: pytest.approx(report[k]) for k in ("mIoU", "pixAcc", "mAcc")},
+                        "mIoU_sd": None, "pixAcc_sd": None, "mAcc_sd": None, "seeds": 1}, "one seed: no sd"
     assert list((paths.plots / "fcn" / "predictions").iterdir()) == []
     with np.load(paths.plots / "fcn" / "features.npz") as f:
         assert "memory" not in f.files and set(f["image_index"].tolist()) == {0}
@@ -161,7 +176,7 @@ def test_class_count_mismatch_and_missing_model_are_clear_errors(tmp_path):
     make_prepared(paths.prepared, n=1)
     with pytest.raises(ModelFileError, match="dvc repro train"):
         evaluate_model(params, "fcn", paths)
-    save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"], num_classes=6)
+    save_model(paths.seed_dir("fcn", 0) / "model.pt", params.models["fcn"], num_classes=6)
     with pytest.raises(ModelFileError, match="predicts 6 classes but the dataset has 4"):
         evaluate_model(params, "fcn", paths)
     bad = tmp_path / "garbage.pt"
@@ -181,12 +196,12 @@ def test_sample_indices_are_fixed_and_spread():
 def test_predictions_are_scored_at_the_label_resolution(tmp_path):
     from pipeline.evaluate import evaluate_model
 
-    params = parse_params({"models": {"fcn": {"context": "none", "channels": 16}},
+    params = parse_params({"seeds": [0], "models": {"fcn": {"context": "none", "channels": 16}},
                            "data": {"eval_short_side": 16},
                            "evaluate": {"multi_scale": False, "num_visualisations": 1, "log_mlflow": False}})
     paths = common.Paths(params, root=tmp_path)
     make_prepared(paths.prepared, n=1, size=32)
-    save_model(paths.model_dir("fcn") / "model.pt", params.models["fcn"])
+    save_model(paths.seed_dir("fcn", 0) / "model.pt", params.models["fcn"])
     evaluate_model(params, "fcn", paths)
     confusion = json.loads((paths.plots / "fcn" / "confusion.json").read_text())
     assert np.asarray(confusion["matrix"]).sum() == 32 * 32 - 2 * 32  # every labelled full-resolution pixel

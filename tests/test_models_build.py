@@ -14,7 +14,7 @@ from ctxseg.models.config import ACFConfig, BackboneConfig, MCIBIConfig
 FRAMEWORKS = ["fcn", "pspnet", "deeplabv3", "ocrnet"]
 CONTEXTS = ["none", "mcibi", "acf"]
 NUM_CLASSES = 4
-TINY = {"channels": 16, "aux_channels": 8, "ocr_key_channels": 8, "acf": {"channels": 8, "heads": 2, "mixtures": 2},
+TINY = {"channels": 16, "aux_channels": 8, "ocr_key_channels": 8, "acf": {"heads": 2, "mixtures": 2},
         "backbone": {"name": "resnet_tiny", "width": 4}}
 
 
@@ -126,16 +126,17 @@ def test_config_rejects_typos_and_ranges(bad, where):
     assert where in str(err.value)
 
 
-def test_bad_acf_heads_mixtures_channels_are_clear():
+def test_bad_acf_heads_are_clear():
+    """The ACF widths follow model.channels (the authors' code): channels must split into acf.heads heads."""
     with pytest.raises(ValidationError) as err:
-        ACFConfig(channels=30, heads=4, mixtures=2)
+        ModelConfig.model_validate({"context": "acf", "channels": 30, "acf": {"heads": 4, "mixtures": 2}})
     msg = str(err.value)
-    assert "acf.channels=30" in msg and "acf.heads" in msg and "acf.mixtures" in msg and "8" in msg
-    with pytest.raises(ValidationError, match="acf.heads"):
-        ModelConfig.model_validate({"context": "acf", "acf": {"channels": 32, "heads": 3, "mixtures": 1}})
-    with pytest.raises(ValueError, match="acf.channels=12 is not divisible by acf.heads x acf.mixtures"):
-        ACF(16, channels=12, heads=2, mixtures=4)
-    ACFConfig(channels=24, heads=3, mixtures=2)  # divisible: accepted
+    assert "channels=30" in msg and "acf.heads=4" in msg and "multiple of 4" in msg
+    with pytest.raises(ValidationError, match="extra"):  # the old width key is refused, not ignored
+        ModelConfig.model_validate({"context": "acf", "acf": {"channels": 32}})
+    with pytest.raises(ValueError, match="channels=12 .* not divisible by acf.heads=5"):
+        ACF(12, heads=5, mixtures=4)
+    ModelConfig.model_validate({"context": "acf", "channels": 24, "acf": {"heads": 3, "mixtures": 5}})  # accepted
 
 
 def test_bad_mcibi_channels_are_clear():
@@ -193,11 +194,10 @@ def test_receptive_field_default_and_empirical():
     assert rf == 63
     assert receptive_field(build_segmentor(ModelConfig(), 2)) == rf
     assert receptive_field({"framework": "deeplabv3"}) > 500  # atrous 36 at stride 8
-    # the 3x3 concat fusion of MCIBI / ACF adds 2 * 8 px; a 1x1 fusion keeps the base RF
-    residual_acf = {"context": "acf", "acf": {"output": "residual_fusion"}}
-    assert receptive_field({"context": "mcibi"}) == receptive_field(residual_acf) == rf + 16
+    # the 3x3 concat fusion of MCIBI adds 2 * 8 px; a 1x1 fusion keeps the base RF
+    assert receptive_field({"context": "mcibi"}) == rf + 16
     assert receptive_field({"context": "mcibi", "fusion_kernel": 1}) == rf
-    # CFNet's own path (Fig 3) has no fusion conv: concat -> the last (1x1) conv; the 1x1 Phi adds nothing
+    # CFNet's head has no fusion conv: concat -> the last (1x1) conv; the 1x1 Phi adds nothing
     assert receptive_field({"context": "acf"}) == rf
     assert receptive_field({"context": "acf", "acf": {"phi": "atrous"}}) == rf + 2 * 4 * 8  # 3x3 rate 4 at stride 8
     # empirical: the gradient of one central pre-upsampling logit w.r.t. the input covers <= rf pixels

@@ -194,7 +194,7 @@ def test_replicated_buffers_and_class_prototypes_of_the_builtin_heads():
     assert protos.shape == (NUM_CLASSES, 8) and torch.equal(protos, mcibi.memory.memory)
     assert torch.equal(memory_of(mcibi), protos) and torch.equal(memory_of(mcibi.state_dict()), protos)
     for ctx in ("none", "acf"):
-        model = build_segmentor({**TINY, "context": ctx, "acf": {"channels": 8}}, NUM_CLASSES)
+        model = build_segmentor({**TINY, "context": ctx, "acf": {"heads": 2}}, NUM_CLASSES)
         assert model.replicated_buffers() == {} and model.class_prototypes() is None
         assert memory_of(model) is None and memory_of(model.state_dict()) is None
 

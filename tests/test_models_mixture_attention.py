@@ -97,7 +97,7 @@ def test_nothing_quadratic_is_saved_for_backward():
 
 def test_acf_uses_the_kernel_in_training_with_the_same_result():
     """ACF training (gradients, dropout 0) through the blocked kernel equals its SDPA path."""
-    acf = ACF(16, channels=32, heads=2, mixtures=2, dropout=0.0).double().train()
+    acf = ACF(16, heads=2, mixtures=2, dropout=0.0).double().train()
     x = torch.randn(2, 16, 9, 7, dtype=torch.float64, requires_grad=True)
     out = acf(x)
     out.sum().backward()
@@ -112,6 +112,6 @@ def test_acf_uses_the_kernel_in_training_with_the_same_result():
     b, h, nk, n, d = q.shape
     z = reference(q.reshape(b * h, nk, n, d), kk.reshape(b * h, nk, -1, d), v.reshape(b * h, -1, v.shape[-1]),
                   prior.reshape(b * h, nk), acf.scale).view(b, h, n, -1)
-    ref_out = x + acf.proj(z.transpose(-1, -2).reshape(2, 32, 9, 7))
+    ref_out = acf.out_norm(acf.out_conv(z.transpose(-1, -2).reshape(2, 16, 9, 7))) + x
     ref_out.sum().backward()
     assert torch.allclose(grad_blocked, x.grad, atol=1e-10)

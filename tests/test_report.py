@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ctxseg.config import parse_params
-from ctxseg.evaluation import headline_metrics
+from ctxseg.evaluation import headline_metrics, seeds_record
 from pipeline import common
 from test_evaluate import CLASSES, make_prepared
 
@@ -26,6 +26,7 @@ MODELS = {
     "pspnet_acf": ({"framework": "pspnet", "context": "acf", "channels": 32}, 0.49, 0.515),
 }
 FLAT = "pspnet"  # its validation curve has flattened; every other model's is still rising
+SEEDS = {0: -0.01, 1: 0.0, 2: 0.01}  # seed -> offset of every score: mean as in MODELS, sd 1 point
 
 # the layout pipeline/tune.py writes: fixed columns, then one column per swept key (empty when not swept)
 SWEEP_CSV = """sweep,trial_id,model,status,epochs,iterations,final_mIoU,best_mIoU,seed,repeat_of,mlflow_run_id,acf.mixtures,acf.heads,mcibi.momentum,mcibi.alpha,mcibi.beta
@@ -45,7 +46,7 @@ mcibi_loss,t8,fcn_mcibi,STOPPED,2,4,0.39,0.40,0,,,,,0.9,0.8,0.5
 def fabricate(root: Path, *, sweep: bool = True, **report) -> tuple:
     settings = {"latency_in_channels": 16, "latency_size": 8, "latency_channels": 16, "latency_repeats": 1,
                 "register_model": False, "qualitative_images": 2, **report}
-    params = parse_params({"models": {k: v[0] for k, v in MODELS.items()}, "report": settings,
+    params = parse_params({"seeds": list(SEEDS), "models": {k: v[0] for k, v in MODELS.items()}, "report": settings,
                            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}})
     paths = common.Paths(params, root=root)
     make_prepared(paths.prepared, n=2, size=16)
@@ -55,14 +56,19 @@ def fabricate(root: Path, *, sweep: bool = True, **report) -> tuple:
     (paths.prepared / "meta.json").write_text(json.dumps(meta))
     rng = np.random.default_rng(0)
     for i, (name, (_, miou, ms)) in enumerate(MODELS.items()):
-        per_class = {c: miou + 0.01 * k for k, c in enumerate(CLASSES)}
-        metrics = {"model": name, "mIoU": miou, "pixAcc": 0.8, "mAcc": 0.5, "per_class_iou": per_class,
-                   "num_images": 2, "num_params": 1_500_000,
-                   "ms_flip": {"mIoU": ms, "pixAcc": 0.81, "mAcc": 0.51, "scales": [0.75, 1.0], "flip": True}}
+        per_seed = []
+        for seed, off in SEEDS.items():
+            per_class = {c: miou + off + 0.01 * k for k, c in enumerate(CLASSES)}
+            per_seed.append({"model": name, "seed": seed, "mIoU": miou + off, "pixAcc": 0.8, "mAcc": 0.5,
+                             "per_class_iou": per_class, "per_class_acc": per_class, "num_images": 2,
+                             "num_params": 1_500_000, "ms_flip": {
+                                 "mIoU": ms + off, "pixAcc": 0.81, "mAcc": 0.51, "per_class_iou": per_class,
+                                 "scales": [0.75, 1.0], "flip": True}})
+        metrics = seeds_record(per_seed)
         paths.metrics.mkdir(parents=True, exist_ok=True)
         paths.metrics_file(name).write_text(json.dumps(headline_metrics(metrics)))  # what DVC shows
         (paths.metrics / f"{name}.details.json").write_text(json.dumps(metrics))  # what report/register read
-        run_dir = paths.model_dir(name)
+        run_dir = paths.seed_dir(name, 0)
         run_dir.mkdir(parents=True, exist_ok=True)
         history = [{"epoch": e, "iteration": 5 * e, "train_loss": 2.0 / e + (9.0 if "mcibi" in name else 0.0),
                     "train_loss_o": 1.0 / e, "train_loss_aux": 1.2 / e,
@@ -94,26 +100,35 @@ def test_report_builds_every_table_from_fabricated_outputs(tmp_path):
     md_path = write_report(params, paths)
     md = md_path.read_text()
 
-    # main results, MCIBI Table 5 layout: mIoU (single / ms+flip) and deltas against the fcn baseline
+    # main results, MCIBI Table 5 layout: mean ± sd over 3 seeds (sd 1 point) and deltas against the fcn
+    # baseline with their 95% Welch intervals (scipy.stats.ttest_ind(equal_var=False) gives +5 [+2.73, +7.27])
+    # and the verdict the interval gives: a 1-point drop at 1-point seed noise is no verdict, no threshold
     assert "Main results (MCIBI Table 5 layout)" in md
-    assert "| fcn | 40.00 / 42.00 | 45.00 / 47.00 | +5.00 / +5.00 | 43.00 / 44.00 | +3.00 / +2.00 |" in md
-    assert "| pspnet | 50.00 / 52.00 | – | – | 49.00 / 51.50 | -1.00 / -0.50 |" in md
-    assert "`pspnet_acf` (pspnet +ACF): -1.00 mIoU points over `pspnet`" in md and "**hurt** here" in md
-    assert "| fcn | fcn | none | default | 40.00 |" in md
-    assert "| fcn_mcibi_add | fcn | mcibi | mcibi.fusion=add | 41.00 | +1.00 |" in md
-    # the classes only context can tell apart
+    assert ("| fcn | 40.00 ± 1.00 | 45.00 ± 1.00 | +5.00 [+2.73, +7.27] helped | 43.00 ± 1.00 | "
+            "+3.00 [+0.73, +5.27] helped |") in md
+    assert "| pspnet | 50.00 ± 1.00 | – | – | 49.00 ± 1.00 | -1.00 [-3.27, +1.27] not distinguishable |" in md
+    assert ("`pspnet_acf` (pspnet +ACF): -1.00 [-3.27, +1.27] mIoU points over `pspnet` single-scale (50.00 ± 1.00 "
+            "→ 49.00 ± 1.00, 3 seeds)") in md and "**not distinguishable with 3 seeds**" in md
+    assert "| fcn | fcn | none | default | 3 | 40.00 ± 1.00 | 0: 39.00, 1: 40.00, 2: 41.00 |  |" in md
+    assert ("| fcn_mcibi_add | fcn | mcibi | mcibi.fusion=add | 3 | 41.00 ± 1.00 | 0: 40.00, 1: 41.00, 2: 42.00 | "
+            "+1.00 [-1.27, +3.27] not distinguishable |") in md
+    assert "Welch's t" in md and "no fixed threshold" in md
+    # the classes only context can tell apart: their mean per seed, then the interval over seeds
     assert "(water: sea, lake)" in md
-    assert "| fcn | 40.00 | 41.00 | 40.50 |  |" in md and "| fcn_mcibi | 45.00 | 46.00 | 45.50 | +5.00 |" in md
-    # the headline answers the question, with the cost
-    assert "`fcn_mcibi` (fcn +MCIBI): +5.00 mIoU points over `fcn`" in md and "GFLOPs" in md
+    assert "| fcn | 40.00 | 41.00 | 40.50 ± 1.00 |  |" in md
+    assert "| fcn_mcibi | 45.00 | 46.00 | 45.50 ± 1.00 | +5.00 [+2.73, +7.27] helped |" in md
+    # the headline answers the question, with the cost, each in a named counting convention
+    assert "`fcn_mcibi` (fcn +MCIBI): +5.00 [+2.73, +7.27] mIoU points over `fcn`" in md and "**helped**" in md
+    assert "GMACs (multiply-adds of the layers, the paper's convention)" in md
+    assert "GFLOPs per image (2 FLOPs per multiply-add, attention products included)" in md
     # MCIBI Table 1: the three fusions, ordered add / weighted add / concat, with the baseline
     assert "MCIBI Table 1" in md
     t1 = md[md.index("MCIBI Table 1"):md.index("MCIBI Table 2")]
     assert t1.index("add (R + C_bi)") < t1.index("weighted add") < t1.index("concat (Eq 4)")
-    assert "| fcn_mcibi_weighted | weighted add | 42.00 | +2.00 | – |" in t1
+    assert "| fcn_mcibi_weighted | weighted add | 42.00 ± 1.00 | +2.00 [-0.27, +4.27] not distinguishable | – |" in t1
     # MCIBI Table 2: update mean and RCL off
     t2 = md[md.index("MCIBI Table 2"):]
-    assert "| fcn_mcibi_mean | random | mean | poly (p=0.9) | ✗ | 44.00 | +4.00 | – |" in t2
+    assert "| fcn_mcibi_mean | random | mean | poly (p=0.9) | ✗ | 44.00 ± 1.00 | +4.00 [+1.73, +6.27] helped | – |" in t2
     # sweep: the K x H grid keeps the best trial per cell (t3/t4 -> 40.00); the failed trial is blank
     assert "CFNet Table 3" in md
     # every score carries the epochs its trial ran: t4's 40.00 was reached in 2 of 4 epochs (ASHA)
@@ -130,10 +145,14 @@ def test_report_builds_every_table_from_fabricated_outputs(tmp_path):
     assert "mIoU against mcibi.alpha" in md and "mIoU against mcibi.beta" in md
     assert "`fcn_acf`: trial `t4` (acf.mixtures=2, acf.heads=4), mIoU 40.00% after 2 ep, stopped early" in md
     assert "`fcn_mcibi`: trial `t7` (mcibi.momentum=0.5, mcibi.alpha=0.4, mcibi.beta=1), mIoU 44.00%" in md
-    # the seed repeats (r1, r2) are not grid cells: (1, 1) keeps t1's 31.00 above; they give the noise level
-    assert "| t4 | 40.00 | 37.00 | -3.00 | 2 |" in md and "| t1 | 31.00 | 33.00 | +2.00 | 4 |" in md
-    assert ("`acf_kxh`: Grid spread 9.00 mIoU points; seed-to-seed spread of the repeated configurations 3.00. "
-            "The grid's spread exceeds twice the seed noise") in md
+    # the seed repeats (r1, r2) are not grid cells: (1, 1) keeps t1's 31.00 above; they give the noise level,
+    # like for like: t4 and its repeat r1 ran 2 of 4 epochs, so only t1 / r2 and the 4-epoch trials count
+    # (spread 38 - 31 = 7, not 40 - 31 = 9); sd = 2 / sqrt(2) = 1.41; band t(0.975, 1) * 2 = 25.41
+    assert "| t1 | 31.00 | 33.00 | +2.00 | 4 |" in md and "| t4 | 40.00 | 37.00 |" not in md
+    assert ("`acf_kxh`: Among the 3 trials that ran all 4 epochs the grid spans 7.00 mIoU points and the best "
+            "leads the next by 2.00; seed noise from 1 repeat(s) at equal epochs: sd 1.41 points per trial, so two "
+            "configurations must differ by more than ±25.41 points") in md
+    assert "The configurations are not distinguishable at this budget." in md
     assert "`mcibi_loss`: No seed repeats ran" in md
     assert "acf.heads: 4" in md  # tune/best.yaml
     # complexity of the models trained here, as configured: params, FLOPs and CPU latency on one val image
@@ -160,7 +179,7 @@ def test_report_builds_every_table_from_fabricated_outputs(tmp_path):
     html = (paths.reports / "report.html").read_text()
     assert html.startswith("<!doctype html>")
     assert html.count("data:image/png;base64,") == 8
-    assert "<table>" in html and "40.00 / 42.00" in html
+    assert "<table>" in html and "40.00 ± 1.00" in html
     # honest about the data
     assert "2 val images" in md and "not comparable" in md
     assert "not registered" in md
@@ -341,7 +360,7 @@ def test_no_still_rising_note_when_every_curve_is_flat(tmp_path):
     from pipeline.report import write_report
 
     params, paths = fabricate(tmp_path, sweep=False, complexity=False, feature_space=False, qualitative_images=0)
-    for run_file in paths.models.glob("*/run.json"):
+    for run_file in paths.models.glob("*/seeds/*/run.json"):
         run = json.loads(run_file.read_text())
         for h in run["history"]:
             h["val_mIoU"] = 0.4 + 0.002 * h["epoch"]  # +0.2 points in the last epoch: flattened

@@ -153,10 +153,15 @@ def test_report_is_written_when_the_tracking_server_is_unreachable(tmp_path):
 
     params, paths = fabricate(tmp_path, sweep=False, complexity=False, register_model=True)
     params.mlflow.tracking_uri = "http://127.0.0.1:9"  # nothing listens on the discard port
-    for run_file in paths.models.glob("*/run.json"):
+    for run_file in paths.models.glob("*/seeds/*/run.json"):
         run = json.loads(run_file.read_text())
         run.update(run_id="0" * 32, experiment_id="1")
         run_file.write_text(json.dumps(run))
+    for details in paths.metrics.glob("*.details.json"):  # what the evaluate stage records of each seed's run
+        record = json.loads(details.read_text())
+        for seed in record["seeds"]:
+            seed["run_id"] = "0" * 32
+        details.write_text(json.dumps(record))
     assert register(params, paths)["status"] == "failed"  # the register stage records it in registry/best.json
     assert json.loads((tmp_path / "registry" / "best.json").read_text())["model"] == "pspnet"
     md = write_report(params, paths).read_text()
