@@ -23,6 +23,7 @@ and read by :func:`ctxseg.checkpoint.read_model_file`. Nothing is ever unpickled
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -95,7 +96,16 @@ def run_predict(model_source: str, input_path: Path, output: Path, *, params_fil
     from ctxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
 
     files = list_images(input_path)
-    images = {f: read_rgb(f) for f in files}  # every input is checked before anything is written
+    images, unreadable = {}, []
+    for f in files:  # every input is read before anything is written; an unreadable one is reported, not fatal
+        try:
+            images[f] = read_rgb(f)
+        except PredictError as err:
+            log.warning("skipping %s", err)
+            unreadable.append({"input": str(f), "error": str(err)})
+    if not images:
+        raise PredictError(f"{input_path}: none of the {len(files)} file(s) could be read as an image; first: "
+                           f"{unreadable[0]['error']}")
     record = read_model_source(model_source, params_file)
     meta = None
     if meta_file is not None:
@@ -111,7 +121,8 @@ def run_predict(model_source: str, input_path: Path, output: Path, *, params_fil
     model, _ = load_model(record, dev)
     output.mkdir(parents=True, exist_ok=True)
     written = []
-    for f, stem in tqdm(list(zip(files, output_stems(files))), desc="predict", unit="img"):
+    for f, stem in tqdm([(f, s) for f, s in zip(files, output_stems(files)) if f in images], desc="predict",
+                        unit="img"):
         image = images[f]
         mask = predict_image(model, image, mean, std, device=dev, short_side=short_side, **inference)
         mask_file, overlay_file = output / f"{stem}_mask.png", output / f"{stem}_overlay.png"
@@ -119,12 +130,31 @@ def run_predict(model_source: str, input_path: Path, output: Path, *, params_fil
                                        overlay_min_side)
         written.append({"input": str(f), "mask": mask_file.name, "overlay": overlay_file.name,
                         "size": [int(image.shape[0]), int(image.shape[1])],
-                        "classes": shown["classes"], "overlay_scale": shown["scale"]})
-    write_json(output / "predictions.json", {"model": record.source, "model_name": record.model_name,
-                                              "num_classes": record.num_classes, "class_names": class_names,
-                                              "inference": {"short_side": short_side, **inference},
-                                              "images": written})
+                        "classes": shown["classes"], "overlay_scale": shown["scale"], "model": record.source})
+    write_json(output / "predictions.json", merged_record(output / "predictions.json", written, unreadable, {
+        "model": record.source, "model_name": record.model_name, "num_classes": record.num_classes,
+        "class_names": class_names, "inference": {"short_side": short_side, **inference}}))
+    if unreadable:
+        raise PredictError(f"{len(unreadable)} of {len(files)} input(s) could not be read (listed under `unreadable` "
+                           f"in {output / 'predictions.json'}; the other {len(written)} were written); first: "
+                           f"{unreadable[0]['error']}")
     return written
+
+
+def merged_record(path: Path, written: list[dict], unreadable: list[dict], run: dict) -> dict:
+    """``predictions.json`` of an output folder used before: this run's images replace the entries of the same
+    mask name, the earlier entries (whose files are still there) are kept, each entry naming its model."""
+    images = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = {}
+        for entry in previous.get("images", []):
+            if isinstance(entry, dict) and (path.parent / str(entry.get("mask", ""))).is_file():
+                images[entry["mask"]] = {"model": previous.get("model"), **entry}
+    images.update({entry["mask"]: entry for entry in written})
+    return {**run, "images": [images[k] for k in sorted(images)], "unreadable": unreadable}
 
 
 def _scales(text: str) -> list[float]:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
-    project = make_project(tmp_path / "study", tiny_overrides)
+    project = make_project(tmp_path / "study", {**tiny_overrides, "seeds": [0, 1]})
     reads = tmp_path / "param_reads"
     first = run(["dvc", "repro"], project, env_extra={"CTXSEG_PARAM_READS": str(reads)})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
@@ -25,11 +25,14 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     assert {"train@fcn", "evaluate@fcn", "report"} <= set(read_keys(reads)), sorted(read_keys(reads))
     assert undeclared_reads(project / "dvc.lock", reads) == {}
 
-    # the DVC metrics file: the headline numbers only (flat, numbers), fractions; `dvc metrics show`
-    # shows exactly those columns
+    # the DVC metrics file: the headline numbers only (flat, numbers), fractions: means over the two seeds,
+    # their standard deviations and the seed count; `dvc metrics show` shows exactly those columns
     headline = json.loads((project / "metrics" / "fcn.json").read_text())
-    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU"]
+    assert list(headline) == ["mIoU", "pixAcc", "mAcc", "ms_flip_mIoU", "mIoU_sd", "pixAcc_sd", "mAcc_sd",
+                              "ms_flip_mIoU_sd", "seeds"]
+    assert headline.pop("seeds") == 2
     assert all(type(v) is float and 0.0 <= v <= 1.0 for v in headline.values()), headline
+    headline["seeds"] = 2
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert shown.returncode == 0, shown.stderr[-3000:]
     declared = {path: entry["data"] for rev in json.loads(shown.stdout).values()
@@ -42,6 +45,8 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     assert len(metrics["per_class_iou"]) >= 2
     assert metrics["ms_flip"]["scales"] == [0.75, 1.0] and len(metrics["ms_flip"]["per_class_iou"]) >= 2
     assert metrics["run_id"] and metrics["model"] == "fcn"
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1]
+    assert metrics["mIoU"] == pytest.approx(sum(s["mIoU"] for s in metrics["seeds"]) / 2)
     bars = json.loads((project / "plots" / "fcn" / "per_class_iou.json").read_text())
     assert {b["class"]: b["iou"] for b in bars} == metrics["per_class_iou"]
 
@@ -53,10 +58,19 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     assert experiment is not None
     assert experiment.artifact_location.startswith((project / "mlartifacts").as_uri())
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    mlrun = runs[0]
+    assert len(runs) == 3, "the model's parent run and one nested run per seed"
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name == "synthetic/fcn+none" and parent.info.status == "FINISHED"
+    assert metrics["run_id"] == parent.info.run_id
+    assert parent.data.metrics["eval_mIoU"] == pytest.approx(metrics["mIoU"])
+    assert parent.data.metrics["eval_mIoU_sd"] == pytest.approx(headline["mIoU_sd"])
+    seeds = {r.data.tags["seed"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(seeds) == ["0", "1"]
+    mlrun = seeds["0"]
     assert mlrun.info.status == "FINISHED"
-    assert mlrun.info.run_name == "synthetic/fcn+none"
+    assert mlrun.info.run_name == "synthetic/fcn+none seed 0"
+    assert mlrun.data.params["seed"] == "0" and seeds["1"].data.params["seed"] == "1"
+    assert mlrun.data.metrics["eval_mIoU"] == pytest.approx(metrics["seeds"][0]["mIoU"])
     assert mlrun.data.params["train.epochs"] == "2"
     assert mlrun.data.params["model.framework"] == "fcn"
     assert mlrun.data.tags["dataset"] == "synthetic"
@@ -76,8 +90,6 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     reloaded, _ = load_model(logged)
     with torch.no_grad():
         assert reloaded(torch.zeros(1, 3, 40, 40))["logits"].shape == (1, len(metrics["per_class_iou"]), 40, 40)
-    assert mlrun.data.metrics["eval_mIoU"] == pytest.approx(metrics["mIoU"])
-    assert metrics["run_id"] == mlrun.info.run_id
 
     # report names the model and shows its mIoU
     report = (project / "reports" / "report.md").read_text()
@@ -86,7 +98,7 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     assert (project / "reports" / "report.html").read_text().startswith("<!doctype html>")
 
     # the trained model reloads with weights_only=True
-    payload = torch.load(project / "models" / "fcn" / "model.pt", weights_only=True)
+    payload = torch.load(project / "models" / "fcn" / "seeds" / "0" / "model.pt", weights_only=True)
     assert payload["num_classes"] == len(metrics["per_class_iou"])
 
     # a second repro runs nothing but the `source` check (always_changed: data.source's fingerprint)
@@ -98,6 +110,22 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     status = run(["dvc", "status"], project)
     stale = [ln.rstrip(":") for ln in status.stdout.splitlines() if ln and not ln[0].isspace()]
     assert stale == ["source"] and "always changed" in status.stdout, status.stdout
+
+    # what a user runs between two repros changes nothing DVC sees: byte code (every module recompiled,
+    # plain and optimised, a superset of what the test suite or a notebook writes), the tools, and editor
+    # and OS litter (.dvcignore)
+    for cmd in (["python", "-m", "compileall", "-f", "-q", "ctxseg", "pipeline"],
+                ["python", "-O", "-m", "compileall", "-f", "-q", "ctxseg", "pipeline"],
+                ["python", "-m", "ctxseg.models.complexity"],
+                ["ctxseg-predict", "--model", "models/fcn", "--input", "data/prepared/synthetic/images/val",
+                 "--output", str(tmp_path / "predicted")]):
+        done = run(cmd, project)
+        assert done.returncode == 0, (cmd, done.stderr[-2000:])
+    assert list((project / "ctxseg" / "models").glob("__pycache__/*.opt-1.pyc")), "byte code was written"
+    for litter in ("ctxseg/models/acf.py~", "ctxseg/.DS_Store", "ctxseg/.ipynb_checkpoints/x.py", "pipeline/.#train.py"):
+        (project / litter).parent.mkdir(parents=True, exist_ok=True)
+        (project / litter).write_text("litter")
+    assert run(["dvc", "status"], project).stdout == status.stdout
 
     # `dvc plots show` renders every declared plot with no network: nothing loaded from another site
     page = tmp_path / "plots_page"
@@ -123,5 +151,5 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     assert snapshot(project / "mlartifacts") == origin_store["artifacts"]
     copied = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(mlrun.info.run_id)
     assert copied.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
-    record = json.loads((copy / "models" / "fcn" / "run.json").read_text())
+    record = json.loads((copy / "models" / "fcn" / "seeds" / "0" / "run.json").read_text())
     assert not Path(record["ray_run"]).is_absolute(), "run.json holds repo-relative paths"

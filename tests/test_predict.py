@@ -92,17 +92,44 @@ def test_single_image_and_options(tmp_path, model_file):
         assert int(np.asarray(m).max()) < len(CLASSES)
 
 
-def test_unreadable_image_fails_clearly_and_writes_nothing(tmp_path, model_file, capsys):
+def test_unreadable_image_is_reported_the_rest_written_and_the_exit_says_so(tmp_path, model_file, capsys):
     from pipeline.predict import main
 
     path, _ = model_file
     _images(tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG but truncated")
     rc = main(["--model", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
-    assert rc == 2
+    assert rc == 2, "a user error: one input could not be read"
     err = capsys.readouterr().err
-    assert "broken.png" in err and "cannot read this file as an image" in err
-    assert not (tmp_path / "out").exists()
+    assert "broken.png" in err and "cannot read this file as an image" in err and "1 of 3 input(s)" in err
+    report = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(e["mask"] for e in report["images"]) == ["img0_mask.png", "img1_mask.png"]
+    assert [u["input"] for u in report["unreadable"]] == [str(tmp_path / "in" / "broken.png")]
+    assert (tmp_path / "out" / "img0_mask.png").is_file() and not (tmp_path / "out" / "broken_mask.png").exists()
+    # nothing readable at all: nothing is written
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    assert main(["--model", str(path), "--input", str(tmp_path / "bad"), "--output", str(tmp_path / "none")]) == 2
+    assert "none of the 1 file(s) could be read" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_a_second_run_into_the_same_folder_merges_predictions_json(tmp_path, model_file):
+    from pipeline.predict import main
+
+    path, _ = model_file
+    _images(tmp_path / "first", sizes=((20, 30),))
+    _images(tmp_path / "second", sizes=((20, 30), (24, 24)))
+    (tmp_path / "second" / "img0.png").rename(tmp_path / "second" / "other.png")
+    out = tmp_path / "out"
+    assert main(["--model", str(path), "--input", str(tmp_path / "first"), "--output", str(out)]) == 0
+    assert main(["--model", str(path), "--input", str(tmp_path / "second"), "--output", str(out)]) == 0
+    report = json.loads((out / "predictions.json").read_text())
+    # the first run's img0 stays listed (its files are still there), the second run's images are added
+    assert [e["mask"] for e in report["images"]] == ["img0_mask.png", "img1_mask.png", "other_mask.png"]
+    assert {e["input"] for e in report["images"]} == {str(tmp_path / "first" / "img0.png"),
+                                                     str(tmp_path / "second" / "img1.jpg"),
+                                                     str(tmp_path / "second" / "other.png")}
+    assert all(e["model"] == str(path) for e in report["images"]) and report["unreadable"] == []
 
 
 def test_class_count_mismatch_fails_clearly(tmp_path, capsys):
