@@ -1,6 +1,7 @@
 # ctxseg: two commands on a fresh machine.
 #   make run   - set up .venv (if missing) and run the whole study: dvc repro
 #   make test  - set up .venv (if missing) and run the test suite
+# (make docs builds the documentation site, docs/ + mkdocs.yml, strictly into site/)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -9,8 +10,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup run test test-fast bench mlflow-ui clean-outputs
+.PHONY: setup run test test-fast bench mlflow-ui docs clean-outputs
 
 setup: $(STAMP)
 
@@ -32,5 +34,9 @@ test-fast: setup
 bench: setup
 	python -m bench
 
+PORT ?= 5000
 mlflow-ui: setup
-	mlflow ui --backend-store-uri "$$(python -m pipeline.mlflow_store)" --port 5000
+	python -m pipeline.mlflow_ui --port $(PORT)
+
+docs: setup
+	mkdocs build --strict --site-dir site

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -107,24 +108,52 @@ def artifact_root_uri(params: Params, root: Path) -> str:
     return artifact_root.rstrip("/")
 
 
+# How the MLflow UI opens the study's experiment: as a classic ML experiment (not the GenAI view, which is
+# what MLflow 3 shows an experiment without this tag), and with a saved view of the runs table that shows the
+# headline metrics and the key params. The view is the UI's own shared-view mechanism: an experiment tag
+# `mlflow.sharedViewState.<key>` holding the view state as JSON, opened by `?viewStateShareKey=<key>` in
+# the experiment's URL (what the UI's "Share" button writes). `make mlflow-ui` prints that URL.
+VIEW_KEY = "ctxseg"
+VIEW_COLUMNS = ([f"metrics.`{m}`" for m in ("eval_mIoU", "eval_mIoU_sd", "eval_ms_flip_mIoU", "eval_pixAcc",
+                                              "eval_mAcc", "val_mIoU")]
+                + [f"params.`{p}`" for p in ("model_name", "seed", "model.framework", "model.context",
+                                              "model.acf.mixtures", "model.acf.heads", "model.mcibi.momentum",
+                                              "model.mcibi.alpha", "model.mcibi.beta", "train.epochs")])
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({"selectedColumns": VIEW_COLUMNS, "orderByKey":
+                                                      "attributes.start_time", "orderByAsc": False,
+                                                      "runsExpanded": {}, "searchFilter": ""}),
+}
+
+
+def experiment_view_path(experiment: str) -> str:
+    """The UI route of the experiment with ctxseg's saved view (append it to the server's base URL)."""
+    return f"/#/experiments/{experiment}?viewStateShareKey={VIEW_KEY}"
+
+
 def experiment_id(params: Params, root: Path) -> str:
-    """Create (or get) the experiment, with an explicit artifact location; return its id."""
+    """Create (or get) the experiment, with an explicit artifact location and the UI tags of
+    :data:`EXPERIMENT_TAGS`; return its id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri(params, root))
     name = params.mlflow.experiment
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    from mlflow.exceptions import MlflowException
+    if exp is None:
+        from mlflow.exceptions import MlflowException
 
-    try:
-        return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}")
-    except MlflowException:  # created by another stage a moment ago (two queued experiments)
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}",
+                                            tags=EXPERIMENT_TAGS)
+        except MlflowException:  # created by another stage a moment ago (two queued experiments)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_TAGS.items():  # an experiment created before these tags existed
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def _origin_of(location: str) -> Optional[Path]:

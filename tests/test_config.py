@@ -124,15 +124,18 @@ def test_stage_exits_before_work_on_bad_params(tmp_path, monkeypatch, capfd):
     assert not (tmp_path / "data").exists()
 
 
-def test_readme_params_reference_is_generated_from_the_schema():
-    """Every params key is documented in README.md; regenerate with `python -m ctxseg.config --readme README.md`."""
-    from ctxseg.config import REFERENCE_END, REFERENCE_START, params_reference_markdown
+def test_docs_params_reference_is_generated_from_the_schema():
+    """Every params key is documented in docs/params.md; regenerate with `python -m ctxseg.config --docs docs/params.md`."""
+    from ctxseg.config import REFERENCE_DOC, REFERENCE_END, REFERENCE_START, params_reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index(REFERENCE_START) + len(REFERENCE_START): readme.index(REFERENCE_END)]
+    assert REFERENCE_DOC == "docs/params.md" and REFERENCE_DOC in REFERENCE_START
+    page = (ROOT / REFERENCE_DOC).read_text(encoding="utf-8")
+    block = page[page.index(REFERENCE_START) + len(REFERENCE_START): page.index(REFERENCE_END)]
     assert block.strip() == params_reference_markdown().strip(), (
-        "README params reference is stale: run `.venv/bin/python -m ctxseg.config --readme README.md`"
+        "docs/params.md is stale: run `.venv/bin/python -m ctxseg.config --docs docs/params.md`"
     )
+    assert f"python -m ctxseg.config --docs {REFERENCE_DOC}" in page  # the page says how to regenerate it
+    assert REFERENCE_START not in (ROOT / "README.md").read_text(encoding="utf-8")  # one place only
     for key in ("train.epochs", "tune.sweeps.<name>.space", "model.mcibi.alpha", "model.acf.heads", "data.source"):
         assert f"`{key}`" in block
 

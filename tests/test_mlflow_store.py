@@ -93,3 +93,24 @@ def test_run_tags_name_the_dvc_experiment_and_revision(monkeypatch):
                                                "dvc.experiment": "heads4", "dvc.baseline_rev": "f00d",
                                                "dvc.stage": "train@fcn_acf"}
     assert mlflow_store.experiment_label() == " (exp heads4)"
+
+
+def test_experiment_opens_as_classic_ml_with_the_headline_columns(tmp_path, params):
+    """The UI shows an experiment tagged custom_model_development in its classic runs view (MLflow 3 opens the
+    GenAI view otherwise), and the shared view state (the UI's own `viewStateShareKey` mechanism) selects the
+    headline metrics and key params. An experiment created before the tags existed gets them on next use."""
+    import json
+
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store.tracking_uri(params, tmp_path))
+    exp_id = mlflow_store.experiment_id(params, tmp_path)
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{mlflow_store.VIEW_KEY}"])
+    assert {"metrics.`eval_mIoU`", "metrics.`eval_mIoU_sd`", "params.`model.context`", "params.`seed`"} <= set(
+        view["selectedColumns"])
+    assert mlflow_store.experiment_view_path(exp_id).endswith(f"?viewStateShareKey={mlflow_store.VIEW_KEY}")
+    client.delete_experiment_tag(exp_id, "mlflow.experimentKind")
+    assert mlflow_store.experiment_id(params, tmp_path) == exp_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"

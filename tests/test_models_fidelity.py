@@ -151,7 +151,7 @@ def test_presets_use_cfnets_best_setting(preset):
     a = cfg.acf
     assert (a.mixtures, a.heads, a.phi, a.output) == (2, 4, "atrous", "authors")
     assert cfg.channels % a.heads == 0
-    # the CPU default differs on purpose (README, ACFConfig docstring)
+    # the CPU default differs on purpose (docs/papers.md, ACFConfig docstring)
     d = ModelConfig().acf
     assert (d.mixtures, d.heads, d.phi, d.output) == (2, 2, "conv1x1", "authors")
 
@@ -165,12 +165,16 @@ def test_atrous_phi_is_the_authors_dffn_transform():
 
 
 def test_departures_from_the_official_code_are_written_down():
-    """Issue #15 item 6: the three departures are in the MCIBI head's docstring and the README."""
+    """Issue #15 item 6: the three departures are in the MCIBI head's docstring and docs/papers.md; so are the
+    CFNet head's departures from the paper's text (it follows the authors' code)."""
     from ctxseg.models.heads import mcibi
 
     doc = " ".join(mcibi.__doc__.split())
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    for text in (doc, readme):
+    papers = " ".join((ROOT / "docs" / "papers.md").read_text(encoding="utf-8").split())
+    for text in (doc, papers):
         assert "running stat" in text and "initialised rows" in text and "from the first step" in text
         assert "first batch" in text or "first time its class appears" in text
         assert "one concat" in text and "attention block" in text
+    assert "acf.output: authors" in papers and "z_only" in papers
+    assert "with_enc" in papers
+    assert "sqrt" in papers or "√d_k" in papers
