@@ -432,7 +432,7 @@ def build_report(params: Params, layout: StudyLayout, figures: Path, *, historie
     if rc.feature_space:
         _feature_space(doc, records, layout, meta, figures, colours)
 
-    _mlflow_section(doc, params, records, registry, tracking_uri)
+    _mlflow_section(doc, params, records, registry, tracking_uri, layout.root)
     log.info("report built in %.1f s", time.perf_counter() - started)
     return doc
 
@@ -519,7 +519,7 @@ def feature_space_text(panels: dict) -> str:
 
 
 def _mlflow_section(doc: Document, params: Params, records: list[dict], registry: Optional[dict],
-                    tracking_uri: str) -> None:
+                    tracking_uri: str, layout_root: Optional[Path] = None) -> None:
     doc.heading("MLflow runs")
     local_ui = tracking_uri.startswith(("sqlite", "file"))
     base = "http://127.0.0.1:5000" if local_ui else tracking_uri.rstrip("/")
@@ -543,7 +543,9 @@ def _mlflow_section(doc: Document, params: Params, records: list[dict], registry
                       f"{registry.get('reason', 'n/a')}.")
     doc.paragraph(f"Open the MLflow UI on these runs (experiment `{params.mlflow.experiment}`; runs are named "
                   "`<dataset>/<framework>+<context>`):")
+    in_repo = tracking_uri == f"sqlite:///{(layout_root / 'mlflow.db').as_posix()}" if layout_root else False
     if tracking_uri.startswith("sqlite"):  # `make mlflow-ui` finds the store wherever the repo now lies
-        doc.code(f"make mlflow-ui    # from the repo root\n# or: mlflow ui --backend-store-uri {tracking_uri}")
+        store = "sqlite:///mlflow.db" if in_repo else tracking_uri  # the repo's own store: a relative URI
+        doc.code(f"make mlflow-ui    # from the repo root\n# or: mlflow ui --backend-store-uri {store}")
     else:
         doc.code(f"open {tracking_uri}")

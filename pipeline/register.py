@@ -72,8 +72,9 @@ def register_best_model(params: Params, paths: common.Paths, records: list[dict]
         client.set_model_version_tag(name, version.version, "mIoU", f"{out['mIoU']:.6f}")
         client.set_model_version_tag(name, version.version, "mean_mIoU_over_seeds", f"{miou_of(best):.6f}")
         client.set_model_version_tag(name, version.version, "model", best["name"])
-        return {**out, "status": status, "version": str(version.version), "alias": ALIAS, "source": source,
-                "uri": f"models:/{name}@{ALIAS}"}
+        # the run-relative form: true wherever the repo (and its default store) is moved or copied
+        return {**out, "status": status, "version": str(version.version), "alias": ALIAS,
+                "source": f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", "uri": f"models:/{name}@{ALIAS}"}
     except Exception as err:  # a bad artifact (ModelFileError) or the store failing half-way
         log.warning("could not register %s in the MLflow Model Registry: %s", best["name"], err)
         return {**out, "status": "failed", "reason": f"{type(err).__name__}: {err}"}

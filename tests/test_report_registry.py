@@ -57,6 +57,8 @@ def test_register_best_model_then_predict_from_mlflow(tmp_path, monkeypatch):
     out = register_best_model(params, paths, records)
     assert out["status"] == "registered", out
     assert out["registered_model"] == "ctxseg-synthetic" and out["uri"] == "models:/ctxseg-synthetic@best"
+    # the record holds no path of this clone: it stays true when the repo is copied or moved
+    assert out["source"] == f"runs:/{runs['fcn_mcibi']}/model" and str(tmp_path) not in json.dumps(out)
     version = client.get_model_version_by_alias("ctxseg-synthetic", "best")
     assert version.run_id == runs["fcn_mcibi"] and version.tags["model"] == "fcn_mcibi"
     # a second report does not pile up versions
@@ -166,4 +168,5 @@ def test_report_is_written_when_the_tracking_server_is_unreachable(tmp_path):
     assert json.loads((tmp_path / "registry" / "best.json").read_text())["model"] == "pspnet"
     md = write_report(params, paths).read_text()
     assert "not registered in the Model Registry: the MLflow tracking store cannot be reached" in md
+    assert str(tmp_path) not in json.dumps(json.loads((tmp_path / "registry" / "best.json").read_text()))
     assert (paths.reports / "figures" / "training_curves.png").is_file()  # from run.json's history instead
