@@ -101,7 +101,7 @@ def resolve(handle: dict, node: str) -> Path:
         local = _node_cache(handle) if handle["uri"] else Path(where)
         seen = identity(local)
     except (FileNotFoundError, OSError) as err:
-        hint = ("set ray.data_path to a shared mount or an s3:// URI every node can read (README \"Scaling out\")"
+        hint = ("set ray.data_path to a shared mount or an s3:// URI every node can read (docs/cluster.md)"
                 if handle["location"] is None else "check that this node mounts / can reach it")
         raise DatasetUnavailableError(
             f"node {node} cannot read the prepared dataset at {where} ({err.__class__.__name__}: {err}); {hint}"

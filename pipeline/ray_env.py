@@ -19,7 +19,7 @@ log = logging.getLogger("ctxseg.ray")
 
 LOOPBACK = "127.0.0.1"
 # What the working_dir upload leaves out (gitignore syntax, relative to the repo root): everything
-# that is not code. The upload is ~0.3 MB (README "Scaling out").
+# that is not code. The upload is ~0.3 MB (docs/cluster.md).
 # Top-level names are anchored ("/data", not "data": that would also drop ctxseg/data and ctxseg/models).
 UPLOAD_EXCLUDES = [
     "/.git", "/.venv", "/.dvc/cache", "/.dvc/tmp", "/data", "/models", "/metrics", "/plots", "/reports", "/tune",

@@ -73,7 +73,7 @@ def warn_node_local_storage(storage: str) -> None:
     nodes = ray_env.alive_nodes()
     if len(nodes) > 1 and "://" not in storage:
         log.warning("the Ray cluster has %d nodes but checkpoints go to %s: unless every node mounts it, set "
-                    "ray.storage_path to a shared mount or an s3:// URI (README \"Scaling out\").", len(nodes), storage)
+                    "ray.storage_path to a shared mount or an s3:// URI (docs/cluster.md).", len(nodes), storage)
 
 
 class SeedRun:

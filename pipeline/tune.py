@@ -159,7 +159,7 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
     rows: list[dict] = []
     if not params.tune.enabled:
         log.info("sweeps are off (tune.enabled: false): nothing to run; switch them on with "
-                 "`dvc exp run -S tune.enabled=true` (README: Sweeps)")
+                 "`dvc exp run -S tune.enabled=true` (docs/sweeps.md)")
     elif params.tune.sweeps:
         uri = mlflow_store.tracking_uri(params, paths.root)
         ray_env.init_ray(params, paths.root, params.ray.num_cpus)

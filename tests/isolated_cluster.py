@@ -74,7 +74,7 @@ class IsolatedCluster:
         return str(Path(sys.executable).parent / "ray")
 
     def start(self, timeout: float = 180) -> "IsolatedCluster":
-        # loopback-only test cluster: no token authentication (a real cluster keeps it, README "Scaling out")
+        # loopback-only test cluster: no token authentication (a real cluster keeps it, docs/cluster.md)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
                "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)

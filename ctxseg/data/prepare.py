@@ -23,7 +23,7 @@ labels in ``0..num_classes-1`` or 255); failures are collected and reported toge
 files.
 
 The prepared files are links to the source's: never write to them in place (this module and DVC
-never do: outputs are replaced, the preprocess output is not cached by DVC; see README "Datasets").
+never do: outputs are replaced, the preprocess output is not cached by DVC; see docs/datasets.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded synthetic co-occurrence benchmark (design: README.md, "The embedded synthetic dataset").
+"""The embedded synthetic co-occurrence benchmark (design: docs/datasets.md, "The embedded synthetic dataset").
 
 Every image is generated from its own ``numpy.random.Generator`` seeded with
 ``(seed, split code, image index)``, so the set is byte-identical for the same seed whatever the

@@ -32,7 +32,7 @@ CLASSES_FILE = "classes.yaml"
 SPLITS = ("train", "val", "test")
 INSTRUCTIONS = (f"a folder holding {CLASSES_FILE} (names, optional palette, ignore_index, id_to_train_id), "
                 f"images/{{train,val[,test]}}/ and labels/{{train,val[,test]}}/ with matching file stems "
-                f"(README \"Your own images\")")
+                f"(docs/datasets.md, \"Your own images\")")
 
 
 def _root(cfg: Any, root: Optional[Path] = None) -> Path:
@@ -49,7 +49,7 @@ def _root(cfg: Any, root: Optional[Path] = None) -> Path:
 
 
 def _fail(path: Path, key: str, problem: str) -> LayoutError:
-    return LayoutError(f"{path}: `{key}` {problem}. Fix {path.name} (README \"Your own images\" shows the format) "
+    return LayoutError(f"{path}: `{key}` {problem}. Fix {path.name} (docs/datasets.md, \"Your own images\", shows the format) "
                        f"and run the stage again.")
 
 

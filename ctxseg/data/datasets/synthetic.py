@@ -1,4 +1,4 @@
-"""The embedded synthetic co-occurrence benchmark (README.md, "The embedded synthetic dataset").
+"""The embedded synthetic co-occurrence benchmark (docs/datasets.md, "The embedded synthetic dataset").
 
 Generated locally by the download stage (:mod:`ctxseg.data.synthetic`) in the canonical layout
 (``images/``, ``labels/``, ``<split>.txt``, ``synthetic.json``); labels are already train ids.
@@ -60,7 +60,7 @@ def _augmentation_warning(cfg: Any) -> Optional[str]:
     if a.scale_range[1] > 1.0 and min(a.crop_size) <= cfg.synthetic.image_size:
         return (f"data.augment.scale_range={list(a.scale_range)} with crop_size={list(a.crop_size)} on the "
                 f"synthetic benchmark: crops of up-scaled images often cut the cue off the ambiguous region, so "
-                f"context cannot be learnt from them. Use scale_range [0.5, 1.0] (see README.md, 'The embedded "
+                f"context cannot be learnt from them. Use scale_range [0.5, 1.0] (see docs/datasets.md, 'The embedded "
                 f"synthetic dataset')")
     return None
 
@@ -69,7 +69,7 @@ DATASET = DatasetSpec(
     name="synthetic",
     classes=SYNTHETIC_CLASSES,
     palette=SYNTHETIC_PALETTE,
-    description="embedded synthetic co-occurrence benchmark (see README.md)",
+    description="embedded synthetic co-occurrence benchmark (see docs/datasets.md)",
     instructions="generated locally from data.synthetic (no download)",
     lister=_list,
     generate=_generate,
