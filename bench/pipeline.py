@@ -249,7 +249,7 @@ def run(opts) -> dict:
         t1 = time.perf_counter()
         plain2 = run_worker(MODULE, {"job": "plain", "params": str(bp), "prepared": str(prepared)})
         plain_wall2 = time.perf_counter() - t1
-        run_json = json.loads((proj / "models" / "fcn" / "run.json").read_text())
+        run_json = json.loads((proj / "models" / "fcn" / "seeds" / "0" / "run.json").read_text())
         ray_in_loop = sum(h.get("train_epoch_seconds", 0.0) for h in run_json.get("history", []))
         plain_loop = median([plain["in_loop_s"], plain2["in_loop_s"]])
         plain_wall = median([plain_wall1, plain_wall2])

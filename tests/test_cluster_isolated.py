@@ -80,10 +80,10 @@ def study(cluster, tmp_path_factory):
 def test_train_evaluate_report_with_ranks_on_isolated_nodes(study, cluster):
     from mlflow import MlflowClient
 
-    record = json.loads((study / "models" / "fcn" / "run.json").read_text())
+    record = json.loads((study / "models" / "fcn" / "seeds" / "0" / "run.json").read_text())
     assert record["status"] == "finished" and record["iterations"] == EPOCHS * ITERS_PER_EPOCH
     assert all(h["num_nodes"] == 2 for h in record["history"]), "the two ranks ran on two isolated nodes"
-    assert record["ray_run"].startswith(str(cluster.shared / "ray" / "fcn"))
+    assert record["ray_run"].startswith(str(cluster.shared / "ray" / "fcn" / "seed0"))
     assert list((cluster.shared / "data").glob("synthetic-*/_COMPLETE")), "the dataset was published"
     client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     run = client.get_run(record["run_id"])
@@ -104,7 +104,7 @@ def test_worker_killed_on_an_isolated_node_resumes_to_the_same_result(study, clu
     params = write_params(study, "params_kill.yaml", {"models": {"fcn_kill": {"context": "none"}}})
     proc = subprocess.Popen(["python", "-m", "pipeline.train", "--model", "fcn_kill", "--params", params],
                             cwd=study, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ray_dir = cluster.shared / "ray" / "fcn_kill"
+    ray_dir = cluster.shared / "ray" / "fcn_kill" / "seed0"
     wait_for(lambda: list(ray_dir.glob("run-*/checkpoint_epoch_0001")) or proc.poll() is not None, 300,
              "the first checkpoint", poll=0.1)
     assert proc.poll() is None, "training ended before a worker could be killed"
@@ -114,11 +114,11 @@ def test_worker_killed_on_an_isolated_node_resumes_to_the_same_result(study, clu
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-5000:]
     assert "resumed from checkpoint at epoch" in out
-    killed = json.loads((study / "models" / "fcn_kill" / "run.json").read_text())
-    clean = json.loads((study / "models" / "fcn" / "run.json").read_text())
+    killed = json.loads((study / "models" / "fcn_kill" / "seeds" / "0" / "run.json").read_text())
+    clean = json.loads((study / "models" / "fcn" / "seeds" / "0" / "run.json").read_text())
     assert [h["val_mIoU"] for h in killed["history"]] == [h["val_mIoU"] for h in clean["history"]]
-    a = torch.load(study / "models" / "fcn_kill" / "model.pt", weights_only=True)["model"]
-    b = torch.load(study / "models" / "fcn" / "model.pt", weights_only=True)["model"]
+    a = torch.load(study / "models" / "fcn_kill" / "seeds" / "0" / "model.pt", weights_only=True)["model"]
+    b = torch.load(study / "models" / "fcn" / "seeds" / "0" / "model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -61,7 +61,8 @@ def test_two_queued_experiments_at_once_then_apply_the_winner(tmp_path, tiny_ove
     train_runs = {}
     for name, heads in (("heads4", "4"), ("heads1", "1")):
         found = client.search_runs([experiment.experiment_id],
-                                   filter_string=f"tags.`dvc.experiment` = '{name}' and tags.stage = 'train'")
+                                   filter_string=f"tags.`dvc.experiment` = '{name}' and tags.stage = 'train' "
+                                                 "and tags.seed = '0'")
         assert len(found) == 1, name
         mlrun = found[0]
         assert mlrun.info.status == "FINISHED" and mlrun.data.params["model.acf.heads"] == heads
@@ -80,12 +81,12 @@ def test_two_queued_experiments_at_once_then_apply_the_winner(tmp_path, tiny_ove
     applied = run(["dvc", "exp", "apply", "heads4"], project)
     assert applied.returncode == 0, applied.stderr[-3000:]
     assert load_params(project / "params.yaml").models["fcn_acf"].acf.heads == 4
-    record = json.loads((project / "models" / "fcn_acf" / "run.json").read_text())
+    record = json.loads((project / "models" / "fcn_acf" / "seeds" / "0" / "run.json").read_text())
     assert record["run_id"] == train_runs["heads4"].info.run_id
     from pipeline.model_store import download_model_file
 
     logged = download_model_file(f"runs:/{record['run_id']}/model", f"sqlite:///{project / 'mlflow.db'}")
-    weights = read_model_file(project / "models" / "fcn_acf" / "model.pt").weights
+    weights = read_model_file(project / "models" / "fcn_acf" / "seeds" / "0" / "model.pt").weights
     assert logged.weights.keys() == weights.keys()
     for key, tensor in weights.items():
         assert torch.equal(tensor, logged.weights[key]), key

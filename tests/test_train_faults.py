@@ -25,7 +25,7 @@ NOT_DETERMINISTIC = ("images_per_s", "seconds", "system/")
 
 
 def _checkpoint(project: Path, epoch: int) -> list:
-    return list((project / "models" / "fcn" / "ray").glob(f"run-*/checkpoint_epoch_{epoch:04d}"))
+    return list((project / "models" / "fcn" / "ray" / "seed0").glob(f"run-*/checkpoint_epoch_{epoch:04d}"))
 
 
 def _start(project: Path, log: Path) -> subprocess.Popen:
@@ -45,15 +45,15 @@ def _histories(project: Path) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("ctxseg").experiment_id])
-    assert len(runs) == 1, "one MLflow run through every interruption"
+    runs = client.search_runs([client.get_experiment_by_name("ctxseg").experiment_id], filter_string="tags.seed = '0'")
+    assert len(runs) == 1, "one MLflow run (the seed's) through every interruption"
     run_id = runs[0].info.run_id
     keys = [k for k in runs[0].data.metrics if not any(t in k for t in NOT_DETERMINISTIC)]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}, runs[0]
 
 
 def _weights(project: Path) -> dict:
-    return torch.load(project / "models" / "fcn" / "model.pt", weights_only=True)["model"]
+    return torch.load(project / "models" / "fcn" / "seeds" / "0" / "model.pt", weights_only=True)["model"]
 
 
 def overrides(tiny: dict, **train) -> dict:
@@ -86,7 +86,7 @@ def assert_same_result(project: Path, reference: Path) -> None:
     assert set(got) == set(want) and "val_mIoU" in got and "loss" in got
     for key in want:
         assert got[key] == want[key], key
-    record = json.loads((project / "models" / "fcn" / "run.json").read_text())
+    record = json.loads((project / "models" / "fcn" / "seeds" / "0" / "run.json").read_text())
     assert [h["epoch"] for h in record["history"]] == list(range(1, EPOCHS + 1))
 
 
@@ -134,7 +134,7 @@ def test_interrupt_worker_crash_and_hard_kill_resume_bit_identical(tmp_path, tin
 
     # 4. run again, through DVC (which deletes the stage's cached outputs model.pt and run.json first):
     #    the orphaned Ray processes are stopped, the run resumes from models/fcn/ray and finishes
-    assert json.loads((project / "models" / "fcn" / "ray" / "resume.json").read_text())["status"] == "running"
+    assert json.loads((project / "models" / "fcn" / "ray" / "seed0" / "resume.json").read_text())["status"] == "running"
     final = run(["dvc", "repro", "train@fcn"], project)
     out3 = final.stdout + final.stderr
     assert final.returncode == 0, out3[-4000:]
