@@ -164,21 +164,28 @@ def test_source_fingerprint_changes_with_the_folder(ade, tmp_path):
     assert source_fingerprint(None)["kind"] == "none"
 
 
-def test_source_stage_writes_only_on_change(ade, tmp_path, monkeypatch):
+def test_source_stage_links_data_source_and_never_touches_it(ade, tmp_path, monkeypatch, caplog):
+    """data/source/<dataset> is a link DVC follows (download depends on it); re-pointing it, or DVC removing
+    it before a re-run, leaves the user's folder as it was; no data.source is a folder saying so; a
+    data.source that does not exist is one line, exit 2."""
     from pipeline import source as stage
 
     cfg, src, raw = ade
-    (tmp_path / "params.yaml").write_text(f"data:\n  name: ade20k\n  source: {src}\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  name: ade20k\n  source: {src}\n")
     monkeypatch.setenv("CTXSEG_ROOT", str(tmp_path))
-    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
-    out = tmp_path / "data" / "source" / "ade20k.json"
-    first = out.read_text()
-    mtime = out.stat().st_mtime_ns
-    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
-    assert out.stat().st_mtime_ns == mtime  # unchanged folder: untouched
-    add_ade_pair(src / "ADEChallengeData2016", "validation", "ADE_validation_00000042", np.random.default_rng(2))
-    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
-    assert out.read_text() != first
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    link = tmp_path / "data" / "source" / "ade20k"
+    assert stage.main(["--params", str(params)]) == 0
+    assert link.is_symlink() and link.resolve() == src.resolve()
+    assert stage.main(["--params", str(params)]) == 0 and link.resolve() == src.resolve()
+    params.write_text("data:\n  name: ade20k\n  source: null\n")
+    assert stage.main(["--params", str(params)]) == 0
+    assert not link.is_symlink() and (link / stage.NO_SOURCE).is_file()
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before, "the user's folder is untouched"
+    params.write_text(f"data:\n  name: ade20k\n  source: {tmp_path / 'nowhere'}\n")
+    assert stage.main(["--params", str(params)]) == 2
+    assert "data.source=" in caplog.text and "nowhere: no such folder or archive" in caplog.text
 
 
 def test_workers_default_to_the_available_cpus(monkeypatch):
@@ -298,10 +305,14 @@ def test_a_folder_of_own_images_trains_end_to_end_and_a_change_reruns_preprocess
     assert os.path.samefile(prepared / "images" / "train" / "train_0.jpg", src / "images" / "train" / "train_0.jpg")
     assert "| fcn |" in (project / "reports" / "report.md").read_text()
     again = repro()
-    assert "Running stage 'preprocess'" not in again
+    assert "Running stage" not in again, again
+    status = subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
     make_user_folder(tmp_path / "extra", "names: [ground, thing, sky]\n", raw_values=(0, 1, 2), n=(1, 0), seed=9)
     for kind, suffix in (("images", "jpg"), ("labels", "png")):
         os.replace(tmp_path / "extra" / kind / "train" / f"train_0.{suffix}", src / kind / "train" / f"added.{suffix}")
+    status = subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True)
+    assert "download:" in status.stdout and "data/source/folder" in status.stdout, status.stdout
     changed = repro()
     assert "Running stage 'preprocess'" in changed
     assert "added" in (prepared / "train.txt").read_text().split()

@@ -1,13 +1,11 @@
 """A fast identity of ``data.source``: names, sizes and modification times, never the contents.
 
-DVC cannot see a folder outside the repository: the ``source`` stage (``always_changed``) writes
-:func:`source_fingerprint` to ``data/source/<dataset>.json``; the ``download`` stage depends on that
-file and copies the fingerprint into its output (``data/raw/<dataset>/source.json``), which the
-``preprocess`` stage depends on. An added, removed, renamed, resized or re-written file changes the
-digest, so ``dvc repro`` re-runs download and preprocess; an unchanged folder rewrites identical
-bytes and nothing downstream runs. Cost: one ``stat`` per file (~0.1 s for 20,000 files, no reads).
+The ``download`` stage records it with what it extracted or linked (``data/raw/<dataset>/source.json``,
+which ``preprocess`` depends on), so the raw folder says which state of the user's folder it came from.
+Whether ``download`` runs again is DVC's decision: it depends on ``data/source/<dataset>``, a link to
+``data.source`` that DVC follows (``pipeline/source.py``). Cost: one ``stat`` per file, no reads.
 
-This module imports only the standard library: the ``source`` stage runs on every ``dvc repro``.
+This module imports only the standard library.
 """
 from __future__ import annotations
 
