@@ -220,8 +220,7 @@ def seeds_note(records: list[dict]) -> str:
     n = "/".join(map(str, counts)) or "0"
     if counts and max(counts) < 2:
         return ("One seed per model: the table shows each model's single run and no verdict can be given, because "
-                "one run says nothing about seed noise (on the default study a change of seed alone has moved a "
-                "context model by about 10 mIoU points). Train several (`seeds: [0, 1, 2]`) for verdicts.")
+                "one run says nothing about seed noise. Train several (`seeds: [0, 1, 2]`) for verdicts.")
     return (f"{n} seeds per model; mIoU is the mean ± the sample standard deviation over seeds; Δ is the difference "
             f"of means against the framework's baseline with its 95% interval ({METHOD}). A verdict is read off "
             "the interval alone: \"helped\" above zero, \"hurt\" below zero, otherwise \"not distinguishable\" "

@@ -44,11 +44,13 @@ mcibi_loss,t8,fcn_mcibi,STOPPED,2,4,0.39,0.40,0,,,,,0.9,0.8,0.5
 """
 
 
-def fabricate(root: Path, *, sweep: bool = True, mlflow: Optional[dict] = None, **report) -> tuple:
+def fabricate(root: Path, *, sweep: bool = True, mlflow: Optional[dict] = None, seeds: Optional[dict] = None,
+              **report) -> tuple:
+    seeds = SEEDS if seeds is None else seeds
     settings = {"latency_in_channels": 16, "latency_size": 8, "latency_channels": 16, "latency_repeats": 1,
                 "register_model": False, "qualitative_images": 2, **report}
     store = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"} if mlflow is None else mlflow
-    params = parse_params({"seeds": list(SEEDS), "models": {k: v[0] for k, v in MODELS.items()}, "report": settings,
+    params = parse_params({"seeds": list(seeds), "models": {k: v[0] for k, v in MODELS.items()}, "report": settings,
                            "mlflow": store})
     paths = common.Paths(params, root=root)
     make_prepared(paths.prepared, n=2, size=16)
@@ -59,7 +61,7 @@ def fabricate(root: Path, *, sweep: bool = True, mlflow: Optional[dict] = None, 
     rng = np.random.default_rng(0)
     for i, (name, (_, miou, ms)) in enumerate(MODELS.items()):
         per_seed = []
-        for seed, off in SEEDS.items():
+        for seed, off in seeds.items():
             per_class = {c: miou + off + 0.01 * k for k, c in enumerate(CLASSES)}
             per_seed.append({"model": name, "seed": seed, "mIoU": miou + off, "pixAcc": 0.8, "mAcc": 0.5,
                              "per_class_iou": per_class, "per_class_acc": per_class, "num_images": 2,
@@ -372,3 +374,15 @@ def test_no_still_rising_note_when_every_curve_is_flat(tmp_path):
     md = write_report(params, paths).read_text()
     assert "Still rising" not in md
     assert "Every validation curve has flattened: none gained more than 0.5 mIoU points" in md
+
+
+def test_a_one_seed_study_reports_numbers_and_says_it_gives_no_verdict(tmp_path):
+    from pipeline.report import write_report
+
+    params, paths = fabricate(tmp_path, sweep=False, complexity=False, feature_space=False, qualitative_images=0,
+                              seeds={0: 0.0})
+    md = write_report(params, paths).read_text()
+    assert "One seed per model" in md and "no verdict can be given" in md
+    assert "**no verdict (one seed gives no estimate of the noise)**" in md
+    assert "| fcn | 40.00 | 45.00 | +5.00 no verdict (1 seed) |" in md  # the number, never a verdict
+    assert "helped" not in md and "hurt" not in md
