@@ -148,7 +148,7 @@ def test_tune_trials_run_on_isolated_nodes(study, cluster):
 
     params = write_params(study, "params_tune.yaml", {
         "models": {"fcn_acf": {"context": "acf"}},
-        "tune": {"epochs": 1, "scheduler": "fifo", "max_concurrent_trials": 2, "workers_per_trial": 1,
+        "tune": {"enabled": True, "epochs": 1, "scheduler": "fifo", "max_concurrent_trials": 2, "workers_per_trial": 1,
                  "cpus_per_worker": 1, "seed_repeats": False, "sweeps": {"kxh": {
                      "model": "fcn_acf", "search": "grid", "space": {"acf.mixtures": {"grid": [1, 2]}}}}},
     })

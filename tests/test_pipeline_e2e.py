@@ -125,6 +125,17 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
         (project / litter).write_text("litter")
     assert run(["dvc", "status"], project).stdout == status.stdout
 
+    # DVC re-running the train stage (it deletes the outputs first) trains no finished seed again: each
+    # seed's model file is rebuilt from its final checkpoint, same weights, same MLflow runs
+    forced = run(["dvc", "repro", "--force", "--single-item", "train@fcn"], project)
+    told = forced.stdout + forced.stderr
+    assert forced.returncode == 0, told[-3000:]
+    assert told.count("had finished: model file rebuilt from its final checkpoint") == 2, told[-3000:]
+    assert "Ray Train (" not in told, "nothing was trained"
+    rebuilt = torch.load(project / "models" / "fcn" / "seeds" / "0" / "model.pt", weights_only=True)
+    assert all(torch.equal(rebuilt["model"][k], payload["model"][k]) for k in payload["model"])
+    assert len(client.search_runs([experiment.experiment_id])) == 3, "no new MLflow run"
+
     # `dvc plots show` renders every declared plot with no network: nothing loaded from another site
     page = tmp_path / "plots_page"
     shown = run(["dvc", "plots", "show", "-o", str(page)], project)

@@ -115,36 +115,30 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(prepared_ro
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_seeds_train_as_nested_runs_and_a_finished_seed_is_reused_until_code_changes(prepared_root, local_ray,
-                                                                                       monkeypatch):
-    """Two seeds: one MLflow run each, nested in the model's parent run, different weights. When DVC re-runs
-    the stage (it deleted the outputs) with code and config unchanged, finished seeds are rebuilt from their
-    final checkpoints without training; changed code trains them afresh, never mixing checkpoints."""
+def test_a_finished_seed_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatch):
+    """The rule behind skipping a finished seed when DVC re-runs the stage (the e2e test runs it for real:
+    a forced `dvc repro train@fcn` trains nothing and rebuilds the same weights): same training config,
+    status finished and the same code; a changed config or code trains again, from scratch."""
+    import json
+
     import pipeline.train as train_stage
 
-    params = study({"seeds": [0, 1], "models": {"again": {"context": "none"}}, "train": {"epochs": 1}})
-    paths = common.Paths(params, prepared_root)
-    first = train_model(params, "again", paths)
-    assert [s["seed"] for s in first] == [0, 1] and first[0]["run_id"] != first[1]["run_id"]
-    client, runs = runs_of(prepared_root, "again")
-    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
-    assert len(runs) == 2 and len(parents) == 1
-    parent = client.get_run(parents.pop())
-    assert parent.data.tags["seeds"] == "0,1" and parent.info.status == "FINISHED"
-    w0, w1 = (torch.load(prepared_root / "models" / "again" / "seeds" / str(s) / "model.pt", weights_only=True)["model"]
-              for s in (0, 1))
-    assert any(not torch.equal(w0[k], w1[k]) for k in w0), "the two seeds trained the same weights"
-
-    again = train_model(params, "again", paths)
-    assert [s["run_id"] for s in again] == [s["run_id"] for s in first]
-    assert len(runs_of(prepared_root, "again")[1]) == 2, "no new training run"
-    rebuilt = torch.load(prepared_root / "models" / "again" / "seeds" / "0" / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(rebuilt[k], w0[k]) for k in w0)
-
+    params = study({"seeds": [0, 1], "models": {"m": {"context": "none"}}})
+    paths = common.Paths(params, tmp_path)
+    run = train_stage.SeedRun(params.for_seed(1), "m", paths)
+    assert run.seed == 1 and run.resume_file == tmp_path / "models" / "m" / "ray" / "seed1" / "resume.json"
+    assert run.storage == str(tmp_path / "models" / "m" / "ray" / "seed1") and not (run.finished or run.resumable)
+    record = {"fingerprint": run.fingerprint, "status": "finished", "code": train_stage.code_fingerprint()}
+    run.resume_file.parent.mkdir(parents=True)
+    run.resume_file.write_text(json.dumps(record))
+    assert train_stage.SeedRun(params.for_seed(1), "m", paths).finished
+    assert not train_stage.SeedRun(params.for_seed(0), "m", paths).finished, "another seed, another record"
+    other = study({"seeds": [0, 1], "models": {"m": {"context": "none"}}, "train": {"lr": 0.02}})
+    assert not train_stage.SeedRun(other.for_seed(1), "m", paths).finished, "changed config"
     monkeypatch.setattr(train_stage, "code_fingerprint", lambda: "changed")
-    changed = train_model(params, "again", paths)
-    assert {s["run_id"] for s in changed}.isdisjoint(s["run_id"] for s in first)
-    assert changed[0]["history"][0]["epoch"] == 1 and len(changed[0]["history"]) == 1
+    assert not train_stage.SeedRun(params.for_seed(1), "m", paths).finished, "changed code"
+    # seeds change the fingerprint (and so the Ray run name), the rest of the config does not depend on it
+    assert run.fingerprint != train_stage.SeedRun(params.for_seed(0), "m", paths).fingerprint
 
 
 def test_crashed_run_superseded_by_new_params_is_closed_not_left_running(tmp_path):

@@ -137,12 +137,12 @@ def test_shipped_sweeps_validate_and_bad_sweep_is_rejected():
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     grid = params.tune.sweeps["acf_kxh"]
     assert grid.space["acf.mixtures"].grid == [1, 2, 4] and grid.space["acf.heads"].grid == [1, 2, 4]
-    raw = {"models": {"a": {"context": "acf", "acf": {"channels": 24}}},
+    raw = {"models": {"a": {"context": "acf", "channels": 18}},  # 18 channels split into 1 head, not 4
            "tune": {"sweeps": {"s": {"model": "a", "space": {"acf.mixtures": {"grid": [1, 4]},
                                                              "acf.heads": {"grid": [1, 4]}}}}}}
     from ctxseg.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"acf.mixtures=4, acf.heads=4 makes model 'a' invalid"):
+    with pytest.raises(ConfigError, match=r"acf.mixtures=1, acf.heads=4 makes model 'a' invalid"):
         parse_params(raw)
     raw["tune"]["sweeps"]["s"]["model"] = "nope"
     with pytest.raises(ConfigError, match=r"tune.sweeps.s.model = 'nope' is not a key of `models`"):

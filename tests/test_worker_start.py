@@ -44,7 +44,7 @@ def test_sweep_that_cannot_start_workers_ends_with_error_trials_and_a_reason(tmp
     params = parse_params(deep_merge(copy.deepcopy(TINY), {
         "ray": START, "train": {"max_failures": 0},
         "models": {"fcn_acf": {"context": "acf"}},
-        "tune": {"epochs": 1, "scheduler": "fifo", "seed_repeats": False, "cpus_per_worker": 1,
+        "tune": {"enabled": True, "epochs": 1, "scheduler": "fifo", "seed_repeats": False, "cpus_per_worker": 1,
                  "sweeps": {"kxh": {"model": "fcn_acf", "search": "grid", "space": {"acf.heads": {"grid": [1, 2]}}}}},
     }))
     paths = common.Paths(params, tmp_path)
