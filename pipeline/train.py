@@ -57,7 +57,10 @@ def code_fingerprint() -> str:
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted([*(root / "ctxseg").rglob("*.py"), *(root / "pipeline").rglob("*.py")]):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):  # editor / notebook litter, as in .dvcignore
+            continue
+        digest.update(rel.as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

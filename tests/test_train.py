@@ -132,6 +132,12 @@ def test_a_finished_seed_is_reused_only_with_the_same_config_and_code(tmp_path, 
     run.resume_file.parent.mkdir(parents=True)
     run.resume_file.write_text(json.dumps(record))
     assert train_stage.SeedRun(params.for_seed(1), "m", paths).finished
+    litter = Path(train_stage.__file__).parent / ".#train_litter.py"  # an editor's lock file is not code
+    litter.write_text("x")
+    try:
+        assert train_stage.code_fingerprint() == record["code"]
+    finally:
+        litter.unlink()
     assert not train_stage.SeedRun(params.for_seed(0), "m", paths).finished, "another seed, another record"
     other = study({"seeds": [0, 1], "models": {"m": {"context": "none"}}, "train": {"lr": 0.02}})
     assert not train_stage.SeedRun(other.for_seed(1), "m", paths).finished, "changed config"
