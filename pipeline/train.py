@@ -151,8 +151,12 @@ def open_model_run(params: Params, model_name: str, model_dir: Path, client, exp
     key = common.fingerprint({"config": training_fingerprint(params.for_seed(0), model_name), "seeds": params.seeds})
     previous = common.read_json(group_file, "", "") if group_file.is_file() else {}
     if previous.get("fingerprint") == key and previous.get("run_id"):
-        client.update_run(previous["run_id"], status="RUNNING")
-        return previous["run_id"]
+        try:
+            client.update_run(previous["run_id"], status="RUNNING")
+            return previous["run_id"]
+        except Exception as err:  # the store no longer holds it (deleted, or another store): start a new one
+            log.warning("[%s] the model's MLflow run %s is gone (%s); creating a new one", model_name,
+                        previous["run_id"], type(err).__name__)
     tracking.close_superseded_run(client, previous, "run_id", f"[{model_name}]")
     run_id = tracking.create_run(client, experiment_id, params, model_name,
                                  mlflow_store.run_tags(common.git_commit(root)),
