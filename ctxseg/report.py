@@ -141,12 +141,6 @@ def pct(value: Optional[float]) -> str:
     return f"{100 * value:.2f}" if finite(value) else "–"
 
 
-def delta(value: Optional[float], base: Optional[float]) -> str:
-    if not (finite(value) and finite(base)):
-        return "–"
-    return f"{100 * (value - base):+.2f}"
-
-
 def fmt_num(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if finite(value) else "n/a"
 
