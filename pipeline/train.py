@@ -82,8 +82,9 @@ def warn_node_local_storage(storage: str) -> None:
 class SeedRun:
     """One seed's training run: its resume record, checkpoint storage and MLflow run (nested in the model's)."""
 
-    def __init__(self, params: Params, model_name: str, paths: common.Paths):
+    def __init__(self, params: Params, model_name: str, paths: common.Paths, code: Optional[str] = None):
         self.params, self.model_name, self.seed = params, model_name, params.seed
+        self.code = code or code_fingerprint()  # the stage hashes its code once and passes it to every seed
         self.tag = f"[{model_name} seed {self.seed}]"
         self.fingerprint = training_fingerprint(params, model_name)
         model_dir = paths.model_dir(model_name)
@@ -94,7 +95,7 @@ class SeedRun:
         same = self.previous.get("fingerprint") == self.fingerprint
         self.resumable = same and self.previous.get("status") == "running"
         self.finished = same and self.previous.get("status") == "finished" \
-            and self.previous.get("code") == code_fingerprint()
+            and self.previous.get("code") == self.code
 
     def open(self, client, experiment_id: str, parent_run_id: str, root: Path) -> dict:
         """Create (or, resuming, reopen) the seed's MLflow run and write its resume record."""
@@ -112,7 +113,7 @@ class SeedRun:
                 f"{tracking.run_name(self.params, self.model_name)} seed {self.seed}{mlflow_store.experiment_label()}",
                 {"stage": "train", "seed": str(self.seed), "mlflow.parentRunId": parent_run_id})
         record = {"model": self.model_name, "seed": self.seed, "fingerprint": self.fingerprint,
-                  "code": code_fingerprint(), "status": "running",
+                  "code": self.code, "status": "running",
                   "run_id": run_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
                   "ray_run": common.repo_relative(f"{self.storage}/{self.ray_name}", root)}
         self.resume_file.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,8 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
     experiment_id = mlflow_store.experiment_id(params, paths.root)
     client = mlflow.MlflowClient(uri)
     parent_run_id = open_model_run(params, model_name, model_dir, client, experiment_id, paths.root)
-    runs = [SeedRun(params.for_seed(seed), model_name, paths) for seed in params.seeds]
+    code = code_fingerprint()
+    runs = [SeedRun(params.for_seed(seed), model_name, paths, code) for seed in params.seeds]
 
     summaries, started = [], None
     for run in runs:
