@@ -36,7 +36,7 @@ bench: setup
 
 PORT ?= 5000
 mlflow-ui: setup
-	python -m pipeline.mlflow_ui --port $(PORT)
+	python -m pipeline.mlflow_tracking.mlflow_ui --port $(PORT)
 
 docs: setup
 	mkdocs build --strict --site-dir site

@@ -128,7 +128,8 @@ def _mlflow(spec: dict) -> dict:
     import ray
 
     from ctxseg.config import parse_params
-    from pipeline import ray_env, tracking
+    from pipeline.ray_cluster import ray_env
+    from pipeline.mlflow_tracking import tracking
 
     uri = spec["tracking_uri"]
     client = mlflow.MlflowClient(uri)
@@ -172,7 +173,7 @@ def _ray_fixed(spec: dict) -> dict:
 
     import mlflow  # noqa: F401  (the stage imports it too)
     from ctxseg.config import load_params
-    from pipeline import ray_env
+    from pipeline.ray_cluster import ray_env
 
     t_import = time.perf_counter() - t0
     params = load_params(Path(spec["params"]))

@@ -1,5 +1,5 @@
 """What every stage shares: the project root and contract paths, params loading, logging and a clean
-error exit (where the MLflow store is: :mod:`pipeline.mlflow_store`)."""
+error exit (where the MLflow store is: :mod:`pipeline.mlflow_tracking.mlflow_store`)."""
 from __future__ import annotations
 
 import argparse

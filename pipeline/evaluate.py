@@ -36,7 +36,8 @@ from ctxseg import evaluation
 from ctxseg.checkpoint import load_model
 from ctxseg.config import ConfigError, Params
 from ctxseg.io import write_json
-from pipeline import common, mlflow_store
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
 
 log = logging.getLogger("ctxseg.evaluate")
 

@@ -36,8 +36,9 @@ from ctxseg.config import load_params, parse_params
 from ctxseg.io import write_json
 from ctxseg.prediction import (DISPLAY_MIN_SIDE, OVERLAY_ALPHA, PredictError, list_images,
                                output_stems, predict_image, read_rgb, resolve_classes, write_mask_and_overlay)
-from pipeline import common, mlflow_store
-from pipeline.model_store import download_model_file
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
+from pipeline.mlflow_tracking.model_store import download_model_file
 
 log = logging.getLogger("ctxseg.predict")
 

@@ -24,8 +24,9 @@ from ctxseg.io import write_json
 from ctxseg.report import miou_of
 from ctxseg.sweep import finite
 from ctxseg.study import REGISTRY_RECORD, StudyLayout, collect_results
-from pipeline import common, mlflow_store
-from pipeline.model_store import MODEL_ARTIFACT, MODEL_ARTIFACT_DIR, download_model_file, reachable_client
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
+from pipeline.mlflow_tracking.model_store import MODEL_ARTIFACT, MODEL_ARTIFACT_DIR, download_model_file, reachable_client
 
 log = logging.getLogger("ctxseg.register")
 

@@ -25,8 +25,9 @@ from ctxseg.config import Params
 from ctxseg.io import atomic_path
 from ctxseg.report import Document
 from ctxseg.study import LOSS_KEY, StudyLayout, build_report, collect_results
-from pipeline import common, mlflow_store
-from pipeline.model_store import reachable_client
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
+from pipeline.mlflow_tracking.model_store import reachable_client
 
 log = logging.getLogger("ctxseg.report")
 

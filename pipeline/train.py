@@ -32,9 +32,12 @@ from ctxseg.config import Params, params_to_dict
 from ctxseg.engine import TrainState
 from ctxseg.io import write_json
 from ctxseg.models import build_segmentor
-from pipeline import common, dataset_access, mlflow_store, ray_env, tracking
-from pipeline.ray_train import fatal_error_of, fit_or_explain, make_trainer
-from pipeline.run_storage import clear_storage, newest_checkpoint, remove_incomplete_checkpoints
+from pipeline import common
+from pipeline.storage import dataset_access
+from pipeline.mlflow_tracking import mlflow_store, tracking
+from pipeline.ray_cluster import ray_env
+from pipeline.ray_cluster.ray_train import fatal_error_of, fit_or_explain, make_trainer
+from pipeline.storage.run_storage import clear_storage, newest_checkpoint, remove_incomplete_checkpoints
 
 log = logging.getLogger("ctxseg.train")
 

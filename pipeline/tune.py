@@ -12,7 +12,7 @@ MLflow child run by trial id: no duplicate or orphaned runs.
 After each sweep its best and worst configuration train again with seed + 1 (``tune.seed_repeats``),
 so the report can say whether the grid's spread exceeds seed noise (:mod:`ctxseg.sweep`).
 
-Trials run on any node of the cluster (:mod:`pipeline.tune_trial`); Tune's state and the trials'
+Trials run on any node of the cluster (:mod:`pipeline.ray_cluster.tune_trial`); Tune's state and the trials'
 checkpoints live under ``ray.storage_path/tune/<sweep>`` when set, else ``tune/ray/<sweep>``.
 
 Writes ``tune/results.csv`` (one row per trial), ``tune/best.yaml`` (the best config per swept model, in
@@ -37,9 +37,12 @@ from ctxseg import sweep as sweeps
 from ctxseg.config import Params, params_to_dict
 from ctxseg.io import write_json, write_text
 from ctxseg.models import build_segmentor
-from pipeline import common, dataset_access, mlflow_store, ray_env, tracking
-from pipeline.run_storage import clear_storage
-from pipeline.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
+from pipeline import common
+from pipeline.storage import dataset_access
+from pipeline.mlflow_tracking import mlflow_store, tracking
+from pipeline.ray_cluster import ray_env
+from pipeline.storage.run_storage import clear_storage
+from pipeline.ray_cluster.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
                                  run_trial, scheduler, search_space, searcher)
 
 log = logging.getLogger("ctxseg.tune")

@@ -235,7 +235,7 @@ def test_code_upload_keeps_every_module_and_leaves_out_data_models_and_stores():
     is left behind (an unanchored "data" once dropped ctxseg/data), and nothing but code is shipped."""
     from ray._private.runtime_env.packaging import _get_excludes
 
-    from pipeline.ray_env import UPLOAD_EXCLUDES
+    from pipeline.ray_cluster.ray_env import UPLOAD_EXCLUDES
 
     excluded = _get_excludes(ROOT, UPLOAD_EXCLUDES)
     code = [p for pkg in ("ctxseg", "pipeline") for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts]

@@ -83,7 +83,7 @@ def test_two_queued_experiments_at_once_then_apply_the_winner(tmp_path, tiny_ove
     assert load_params(project / "params.yaml").models["fcn_acf"].acf.heads == 4
     record = json.loads((project / "models" / "fcn_acf" / "seeds" / "0" / "run.json").read_text())
     assert record["run_id"] == train_runs["heads4"].info.run_id
-    from pipeline.model_store import download_model_file
+    from pipeline.mlflow_tracking.model_store import download_model_file
 
     logged = download_model_file(f"runs:/{record['run_id']}/model", f"sqlite:///{project / 'mlflow.db'}")
     weights = read_model_file(project / "models" / "fcn_acf" / "seeds" / "0" / "model.pt").weights

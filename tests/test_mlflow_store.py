@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ctxseg.config import parse_params
-from pipeline import mlflow_store
+from pipeline.mlflow_tracking import mlflow_store
 
 
 @pytest.fixture

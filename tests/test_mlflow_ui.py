@@ -1,4 +1,4 @@
-"""`make mlflow-ui` (pipeline.mlflow_ui): serves the store on the asked port, opens ctxseg's saved view, and
+"""`make mlflow-ui` (pipeline.mlflow_tracking.mlflow_ui): serves the store on the asked port, opens ctxseg's saved view, and
 stops every process it started, huey workers included, on SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_mlflow_ui_serves_then_stops_everything_it_started(tmp_path, tiny_overri
     """SIGTERM to the whole process group (what a terminal's Ctrl-C sends as SIGINT goes the same way)."""
     project = make_project(tmp_path / "study", tiny_overrides)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.mlflow_ui", "--port", str(port)], cwd=project,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.mlflow_tracking.mlflow_ui", "--port", str(port)], cwd=project,
                             env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     seen: dict[int, psutil.Process] = {}
@@ -59,6 +59,6 @@ def test_mlflow_ui_serves_then_stops_everything_it_started(tmp_path, tiny_overri
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()
-        busy = subprocess.run([sys.executable, "-m", "pipeline.mlflow_ui", "--port", str(port)], cwd=project,
+        busy = subprocess.run([sys.executable, "-m", "pipeline.mlflow_tracking.mlflow_ui", "--port", str(port)], cwd=project,
                               env=pipeline_env(), capture_output=True, text=True, timeout=60)
     assert busy.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in busy.stderr

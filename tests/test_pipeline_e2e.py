@@ -82,7 +82,7 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path, tiny_overrides):
     import torch
 
     from ctxseg.checkpoint import load_model
-    from pipeline.model_store import MODEL_ARTIFACT, download_model_file
+    from pipeline.mlflow_tracking.model_store import MODEL_ARTIFACT, download_model_file
 
     assert MODEL_ARTIFACT in {a.path for a in client.list_artifacts(mlrun.info.run_id, "model")}
     # the logged model is a weights-only model file: read back without unpickling, runs on its own

@@ -55,7 +55,7 @@ def _ray_sockets(before: set) -> list[tuple[int, str, str, int]]:
 def test_local_ray_listens_on_loopback_only(monkeypatch):
     import ray
 
-    from pipeline.ray_env import init_ray
+    from pipeline.ray_cluster.ray_env import init_ray
 
     for var in ("RAY_ADDRESS", "RAY_NODE_IP_ADDRESS"):
         monkeypatch.delenv(var, raising=False)

@@ -12,7 +12,8 @@ from PIL import Image
 from ctxseg.checkpoint import write_model_file
 from ctxseg.config import parse_params
 from ctxseg.models import ModelConfig, build_segmentor
-from pipeline import common, mlflow_store
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
 
 CLASSES = ["sea", "lake", "ship", "swan"]
 

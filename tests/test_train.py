@@ -152,7 +152,7 @@ def test_crashed_run_superseded_by_new_params_is_closed_not_left_running(tmp_pat
     stage trains afresh; finished or failed runs are left as they are."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import close_superseded_run
+    from pipeline.mlflow_tracking.tracking import close_superseded_run
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("x")

@@ -155,7 +155,7 @@ def test_asha_stops_a_clearly_worse_trial_early(tmp_path):
     import ray
     from ray import tune
 
-    from pipeline.tune_trial import scheduler as _scheduler
+    from pipeline.ray_cluster.tune_trial import scheduler as _scheduler
 
     params = parse_params({"tune": dict(SWEEP, epochs=4, max_concurrent_trials=1)})
 
@@ -183,7 +183,7 @@ def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp
     complete run: ``log_run_params`` fills in what is missing and accepts what is already there."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import log_run_params
+    from pipeline.mlflow_tracking.tracking import log_run_params
 
     params = load_params("params.yaml")
     model = next(iter(params.models))
@@ -201,7 +201,7 @@ def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp
     assert client.get_run(run_id).data.params == logged
 
     # the sweep's parent run likewise
-    from pipeline.tune_trial import log_sweep_params as _log_sweep_params
+    from pipeline.ray_cluster.tune_trial import log_sweep_params as _log_sweep_params
 
     sweep = next(iter(params.tune.sweeps))
     parent = client.create_run(client.get_experiment_by_name("x").experiment_id).info.run_id

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 from ctxseg.config import parse_params
-from pipeline.tune_trial import result_rows
+from pipeline.ray_cluster.tune_trial import result_rows
 
 PARAMS = parse_params({"models": {"fcn_acf": {"context": "acf"}}, "tune": {"epochs": 3, "sweeps": {
     "kxh": {"model": "fcn_acf", "search": "grid", "space": {"acf.heads": {"grid": [1, 2]}}}}}})

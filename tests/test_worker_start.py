@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, TINY
 from ctxseg.config import deep_merge, parse_params
-from pipeline import common, ray_env
+from pipeline import common
+from pipeline.ray_cluster import ray_env
 
 pytestmark = pytest.mark.slow
 

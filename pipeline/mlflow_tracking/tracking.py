@@ -31,7 +31,7 @@ def create_run(client, experiment_id: str, params: Params, model_name: str, orig
                tags: dict) -> str:
     """Create the MLflow run of one training run (train stage or Tune trial), tagged; return its id.
 
-    ``origin``: :func:`pipeline.mlflow_store.run_tags` of the stage's driver (git revision, DVC
+    ``origin``: :func:`pipeline.mlflow_tracking.mlflow_store.run_tags` of the stage's driver (git revision, DVC
     experiment). Its params are logged separately (:func:`log_run_params`), once the caller has
     recorded the id where a resume finds it."""
     cfg = params.model_config_of(model_name)

@@ -10,7 +10,7 @@
   logged, so a copy never writes into its origin.
 * **Tags**: git revision, DVC experiment name and baseline, DVC stage (:func:`run_tags`).
 
-``python -m pipeline.mlflow_store`` prints the resolved tracking URI (``make mlflow-ui`` uses it).
+``python -m pipeline.mlflow_tracking.mlflow_store`` prints the resolved tracking URI (``make mlflow-ui`` uses it).
 """
 from __future__ import annotations
 

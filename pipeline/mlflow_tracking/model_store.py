@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from ctxseg.checkpoint import ModelFile, ModelFileError, read_model_file
 from ctxseg.config import Params
-from pipeline import common, mlflow_store
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
 
 log = logging.getLogger("ctxseg.pipeline")
 

@@ -2,7 +2,7 @@
 
 Starts ``mlflow ui`` on 127.0.0.1 (``--port``, ``make mlflow-ui PORT=...``) for the store the stages log to
 (the default SQLite store is relocated first when the repo moved), prints the experiment's URL with the
-saved runs-table view (:data:`pipeline.mlflow_store.EXPERIMENT_TAGS`), and on Ctrl-C or SIGTERM stops every
+saved runs-table view (:data:`pipeline.mlflow_tracking.mlflow_store.EXPERIMENT_TAGS`), and on Ctrl-C or SIGTERM stops every
 process it started: the server and its ``huey_consumer`` workers, which outlive a signal to the server's
 process group, are collected while they run and stopped by PID.
 """
@@ -18,7 +18,8 @@ import time
 from typing import Optional
 
 from ctxseg.errors import UserError
-from pipeline import common, mlflow_store
+from pipeline import common
+from pipeline.mlflow_tracking import mlflow_store
 
 log = logging.getLogger("ctxseg.mlflow_ui")
 

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 from ctxseg.checkpoint import save_training_checkpoint
 from ctxseg.engine import Callback, FitRun, format_eta
-from pipeline.run_storage import checkpoint_dir_name
-from pipeline.tracking import RemoteClient
+from pipeline.storage.run_storage import checkpoint_dir_name
+from pipeline.mlflow_tracking.tracking import RemoteClient
 
 log = logging.getLogger("ctxseg.train")
 
@@ -135,7 +135,7 @@ class MlflowLog(Callback):
         self.replay = list(replay or [])  # the records of the checkpoint a resumed run starts from
         self.system = None
         if system_metrics:
-            from pipeline.system_metrics import SystemSampler
+            from pipeline.mlflow_tracking.system_metrics import SystemSampler
 
             self.system = SystemSampler(lambda values, step: self._send(values, step))
 

@@ -1,7 +1,7 @@
 """One training run on Ray Train: the worker loop (wiring around :func:`ctxseg.engine.fit`) and its trainer.
 
 Shared by the ``train`` stage and every Tune trial. Inside each worker: the dataset is resolved and
-its identity checked (:mod:`pipeline.dataset_access`), the newest complete checkpoint *at this moment*
+its identity checked (:mod:`pipeline.storage.dataset_access`), the newest complete checkpoint *at this moment*
 is restored (Ray's record or a newer one on disk), and :func:`ctxseg.engine.fit` runs with three
 callbacks: progress lines, :class:`RayReport` (checkpoint + report every epoch) and, on rank 0,
 :class:`MlflowLog` (metrics flushed to MLflow only after the checkpoint that holds them is persisted).
@@ -19,10 +19,12 @@ import torch
 
 from ctxseg.config import Params, params_to_dict, parse_params
 from ctxseg.engine import Callback, NonFiniteLossError, build_optimizer, fit, restore_from_payload
-from pipeline import common, dataset_access, ray_env
-from pipeline.run_storage import last_checkpoint_name, newest_checkpoint
-from pipeline.tracking import RemoteClient
-from pipeline.train_callbacks import MlflowLog, ProgressLog, RayReport, StorageFullStop
+from pipeline import common
+from pipeline.storage import dataset_access
+from pipeline.ray_cluster import ray_env
+from pipeline.storage.run_storage import last_checkpoint_name, newest_checkpoint
+from pipeline.mlflow_tracking.tracking import RemoteClient
+from pipeline.ray_cluster.train_callbacks import MlflowLog, ProgressLog, RayReport, StorageFullStop
 
 log = logging.getLogger("ctxseg.train")
 

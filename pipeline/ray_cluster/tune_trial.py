@@ -1,11 +1,11 @@
 """What runs inside Ray Tune for the ``tune`` stage: one trial (a full Ray Train run built by
-:func:`pipeline.ray_train.make_trainer`, the train stage's own code path), the search space, the
+:func:`pipeline.ray_cluster.ray_train.make_trainer`, the train stage's own code path), the search space, the
 searcher and the ASHA scheduler, the trial results read back as plain rows (:mod:`ctxseg.sweep`), and the
 sweep's MLflow parent run.
 
 A trial may run on any node: it reaches MLflow through the head's store actor
-(:class:`pipeline.tracking.RemoteClient`), the dataset through the published handle
-(:mod:`pipeline.dataset_access`) and keeps its checkpoints under the sweep's storage
+(:class:`pipeline.mlflow_tracking.tracking.RemoteClient`), the dataset through the published handle
+(:mod:`pipeline.storage.dataset_access`) and keeps its checkpoints under the sweep's storage
 (``ray.storage_path`` on a cluster).
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 from ctxseg import sweep as sweeps
 from ctxseg.config import Params, SweepConfig, flatten, params_to_dict, parse_params
 from ctxseg.sweep import trial_params, trial_status
-from pipeline import common, tracking
-from pipeline.ray_train import fatal_error_of, make_trainer, workers_not_started
+from pipeline import common
+from pipeline.mlflow_tracking import tracking
+from pipeline.ray_cluster.ray_train import fatal_error_of, make_trainer, workers_not_started
 
 log = logging.getLogger("ctxseg.tune")
 

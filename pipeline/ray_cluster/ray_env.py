@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ctxseg.config import Params
-from pipeline.local_ray import local_ray_record, reap_orphaned_local_ray, record_local_ray
+from pipeline.ray_cluster.local_ray import local_ray_record, reap_orphaned_local_ray, record_local_ray
 
 log = logging.getLogger("ctxseg.ray")
 
