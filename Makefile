@@ -1,7 +1,8 @@
 # ctxseg: two commands on a fresh machine.
 #   make run   - set up .venv (if missing) and run the whole study: dvc repro
 #   make test  - set up .venv (if missing) and run the test suite
-# (make docs builds the documentation site, docs/ + mkdocs.yml, strictly into site/)
+# (make docs builds the documentation site, docs/ + mkdocs.yml, strictly into site/;
+#  make local-cloud starts a bucket, PostgreSQL and an MLflow server on loopback, docs/cluster.md)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup run test test-fast bench mlflow-ui docs clean-outputs
+.PHONY: setup run test test-fast bench mlflow-ui local-cloud docs clean-outputs
 
 setup: $(STAMP)
 
@@ -37,6 +38,11 @@ bench: setup
 PORT ?= 5000
 mlflow-ui: setup
 	python -m pipeline.mlflow_tracking.mlflow_ui --port $(PORT)
+
+# An S3 endpoint, PostgreSQL and an MLflow tracking server on loopback, to try the cloud recipe of
+# docs/cluster.md by hand (needs Debian's postgresql package); Ctrl-C stops them all.
+local-cloud: setup
+	python -m pipeline.local_cloud
 
 docs: setup
 	mkdocs build --strict --site-dir site

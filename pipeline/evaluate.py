@@ -132,7 +132,7 @@ def _log_to_mlflow(params: Params, paths: common.Paths, model_name: str, study: 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(mlflow_store.tracking_uri(params, paths.root))
+    client = mlflow.MlflowClient(mlflow_store.open_tracking(params, paths.root))
     try:
         for seed in study["seeds"]:
             if seed.get("run_id"):

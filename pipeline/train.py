@@ -37,6 +37,7 @@ from pipeline.storage import dataset_access
 from pipeline.mlflow_tracking import mlflow_store, tracking
 from pipeline.ray_cluster import ray_env
 from pipeline.ray_cluster.ray_train import fatal_error_of, fit_or_explain, make_trainer
+from pipeline.storage.filesystems import check_ray_storage
 from pipeline.storage.run_storage import clear_storage, newest_checkpoint, remove_incomplete_checkpoints
 
 log = logging.getLogger("ctxseg.train")
@@ -184,9 +185,12 @@ def train_model(params: Params, model_name: str, paths: common.Paths, *,
     meta = common.dataset_meta(paths)
     build_segmentor(cfg, int(meta["num_classes"]))  # fail on a bad architecture config before Ray starts
 
+    # a cluster or store that does not answer: one line now, before any run is opened, not minutes of retries
+    ray_env.check_cluster(params)
+    check_ray_storage(params.ray)
+    uri = mlflow_store.open_tracking(params, paths.root)
     model_dir = paths.model_dir(model_name)
     shutil.rmtree(model_dir / "seeds", ignore_errors=True)  # every seed's files are written anew below
-    uri = mlflow_store.tracking_uri(params, paths.root)
     experiment_id = mlflow_store.experiment_id(params, paths.root)
     client = mlflow.MlflowClient(uri)
     parent_run_id = open_model_run(params, model_name, model_dir, client, experiment_id, paths.root)

@@ -41,6 +41,7 @@ from pipeline import common
 from pipeline.storage import dataset_access
 from pipeline.mlflow_tracking import mlflow_store, tracking
 from pipeline.ray_cluster import ray_env
+from pipeline.storage.filesystems import check_ray_storage, ray_storage
 from pipeline.storage.run_storage import clear_storage
 from pipeline.ray_cluster.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
                                  run_trial, scheduler, search_space, searcher)
@@ -73,10 +74,10 @@ def _fit(tuner_name: str, storage: str, resumable: bool, trainable, make_tuner):
     resumable from Tune's periodic experiment snapshot."""
     from ray import tune
 
-    path = f"{storage}/{tuner_name}"
+    path, fs = ray_storage(f"{storage}/{tuner_name}")
     with ray_env.scoped_environ({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
-        if resumable and tune.Tuner.can_restore(path):
-            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+        if resumable and tune.Tuner.can_restore(path, storage_filesystem=fs):
+            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs).fit()
         return make_tuner().fit()
 
 
@@ -116,12 +117,13 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     trainable = tune.with_resources(functools.partial(run_trial, context=context),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     t, metric = params.tune, params.tune.metric
+    ray_path, ray_fs = ray_storage(storage)
 
     def tuner(space, search_alg, sched, tuner_name, samples):
         return tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=samples, search_alg=search_alg, scheduler=sched,
             max_concurrent_trials=t.max_concurrent_trials), run_config=tune.RunConfig(
-            name=tuner_name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=params.train.max_failures)))
+            name=tuner_name, storage_path=ray_path, storage_filesystem=ray_fs, failure_config=tune.FailureConfig(max_failures=params.train.max_failures)))
 
     try:
         rows = result_rows(_fit("tuner", storage, resumable, trainable, lambda: tuner(
@@ -164,7 +166,9 @@ def run_all(params: Params, paths: common.Paths) -> list[dict]:
         log.info("sweeps are off (tune.enabled: false): nothing to run; switch them on with "
                  "`dvc exp run -S tune.enabled=true` (docs/sweeps.md)")
     elif params.tune.sweeps:
-        uri = mlflow_store.tracking_uri(params, paths.root)
+        ray_env.check_cluster(params)
+        check_ray_storage(params.ray)
+        uri = mlflow_store.open_tracking(params, paths.root)
         ray_env.init_ray(params, paths.root, params.ray.num_cpus)
         dataset = dataset_access.publish(paths.prepared, params.ray.data_path)
         store, client = tracking.start_store_actor(uri), mlflow.MlflowClient(uri)

@@ -3,9 +3,11 @@
 The head runs as usual. Each worker node runs inside its own mount namespace
 (``unshare --mount --propagation private``) in which a tmpfs hides the repository, ``/tmp`` (where
 pytest's folders and the head's Ray session live) and any other folder the test names; only the Python
-environment is bound back, so the node can run Ray, but every byte of the project's code, data, MLflow
-store and checkpoints must reach it through Ray or through the folders the test declares shared
-(``shared``, outside all hidden folders: the stand-in for an NFS mount or a bucket).
+environment is bound back, so the node can run Ray. The nodes share no folder with the head at all:
+every byte of the project's code, data, MLflow runs and checkpoints reaches them through Ray or over
+the loopback network (an S3 endpoint and an MLflow server, :mod:`pipeline.local_cloud`), as on a cloud
+cluster. ``env`` is what each node's environment adds (e.g. the bucket's credentials, as an instance
+role would give them).
 
 Every process is started here and stopped by PID (with its descendants), never by a machine-wide
 stop command: other Ray instances may be running.
@@ -59,10 +61,10 @@ class IsolatedCluster:
     """A head (``head_cpus`` CPUs, resource ``head``) and ``workers`` isolated nodes with
     ``cpus_per_node`` CPUs each (resources ``isolated`` and ``isolated_<i>``)."""
 
-    def __init__(self, hidden: list[Path], workers: int = 2, cpus_per_node: int = 1, head_cpus: int = 0):
+    def __init__(self, hidden: list[Path], workers: int = 2, cpus_per_node: int = 1, head_cpus: int = 0,
+                 env: Optional[dict] = None):
         self.base = Path(tempfile.mkdtemp(prefix="ic", dir="/var/tmp"))  # short: Ray's socket paths
-        self.shared = self.base / "shared"  # visible to every node: the "NFS mount"
-        self.shared.mkdir()
+        self.extra_env = dict(env or {})
         self.hidden = [Path(p).resolve() for p in hidden]
         self.workers, self.cpus_per_node, self.head_cpus = workers, cpus_per_node, head_cpus
         self.port = _free_port()
@@ -76,7 +78,7 @@ class IsolatedCluster:
     def start(self, timeout: float = 180) -> "IsolatedCluster":
         # loopback-only test cluster: no token authentication (a real cluster keeps it, docs/cluster.md)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-               "RAY_AUTH_MODE": "disabled"}
+               "RAY_AUTH_MODE": "disabled", **self.extra_env}
         env.pop("RAY_ADDRESS", None)
         log = (self.base / "head.log").open("w")
         self.procs.append(subprocess.Popen(

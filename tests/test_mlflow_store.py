@@ -114,3 +114,17 @@ def test_experiment_opens_as_classic_ml_with_the_headline_columns(tmp_path, para
     client.delete_experiment_tag(exp_id, "mlflow.experimentKind")
     assert mlflow_store.experiment_id(params, tmp_path) == exp_id
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_params_logged_again_on_resume_keep_their_first_value(tmp_path):
+    """A run interrupted, then resumed with a changed run setting (ray.address fixed after a failed
+    start): MLflow refuses to change a param, so the first value stays and the resume goes on."""
+    from mlflow import MlflowClient
+
+    from pipeline.mlflow_tracking.tracking import log_params
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    log_params(client, run_id, {"ray.address": "10.0.0.1:6379", "train.epochs": 4})
+    log_params(client, run_id, {"ray.address": None, "train.epochs": 4, "seed": 0})
+    assert client.get_run(run_id).data.params == {"ray.address": "10.0.0.1:6379", "train.epochs": "4", "seed": "0"}

@@ -25,6 +25,7 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from ctxseg.config import Params
+from ctxseg.errors import UserError
 
 log = logging.getLogger("ctxseg.mlflow")
 
@@ -56,6 +57,44 @@ def tracking_uri(params: Params, root: Path) -> str:
     uri = f"sqlite:///{home / 'mlflow.db'}"
     _prepare(home, uri, relocatable=params.mlflow.artifact_root is None)
     return uri
+
+
+class TrackingUnreachableError(UserError):
+    """The tracking store named by params or the environment does not answer."""
+
+
+PROBE_TIMEOUT_S = 5.0
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def open_tracking(params: Params, root: Path) -> str:
+    """The tracking URI of a stage that must log (train, tune, evaluate), checked to answer first."""
+    uri = tracking_uri(params, root)
+    require_answer(uri, "mlflow.tracking_uri" if params.mlflow.tracking_uri else "MLFLOW_TRACKING_URI")
+    return uri
+
+
+@functools.lru_cache(maxsize=None)
+def require_answer(uri: str, key: str = "mlflow.tracking_uri") -> None:
+    """Raise :class:`TrackingUnreachableError` within seconds when a server URI (``http(s)://`` tracking
+    server, ``postgresql://`` / ``mysql://`` database) does not accept a connection. MLflow's own client
+    retries such a URI for minutes (~250 s) before a traceback; during a run those retries are what
+    carries a stage over a server restart, so they are kept there."""
+    import socket
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0]
+    if scheme not in DEFAULT_PORTS or not parsed.hostname:
+        return
+    port = parsed.port or DEFAULT_PORTS[scheme]
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as err:
+        shown = parsed._replace(netloc=f"{parsed.hostname}:{port}").geturl()  # never a password
+        raise TrackingUnreachableError(
+            f"{key} = {shown}: the MLflow tracking store does not answer ({err.__class__.__name__}: "
+            f"{err.strerror or err}); start the server, or fix {key}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +140,11 @@ def _schema_ready(db_file: Path) -> bool:
         return len(found) == 1
 
 
-def artifact_root_uri(params: Params, root: Path) -> str:
+def artifact_root_uri(params: Params, root: Path) -> Optional[str]:
+    """Where new experiments keep artifacts: ``mlflow.artifact_root``; for the default store
+    ``<store root>/mlartifacts``; for a tracking server None (the server's own, e.g. proxied to a bucket)."""
+    if params.mlflow.artifact_root is None and not is_default_store(params):
+        return None
     artifact_root = params.mlflow.artifact_root or (store_root(root) / ARTIFACTS).as_uri()
     if "://" not in artifact_root:
         artifact_root = Path(artifact_root).resolve().as_uri()
@@ -144,7 +187,8 @@ def experiment_id(params: Params, root: Path) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
-            return client.create_experiment(name, artifact_location=f"{artifact_root_uri(params, root)}/{name}",
+            artifact_root = artifact_root_uri(params, root)
+            return client.create_experiment(name, artifact_location=artifact_root and f"{artifact_root}/{name}",
                                             tags=EXPERIMENT_TAGS)
         except MlflowException:  # created by another stage a moment ago (two queued experiments)
             exp = client.get_experiment_by_name(name)

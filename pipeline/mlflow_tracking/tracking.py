@@ -45,11 +45,20 @@ def create_run(client, experiment_id: str, params: Params, model_name: str, orig
 def log_params(client, run_id: str, flat: dict) -> None:
     """Log flat ``{key: value}`` params to an MLflow run in batches (``None`` as "null", long values cut).
 
-    Idempotent: MLflow accepts a param logged again with the same value, so a run whose set-up was
-    interrupted part-way is completed by calling this again on resume."""
+    Idempotent: only params the run does not hold yet are sent, so a run whose set-up was interrupted
+    part-way is completed by calling this again on resume. A value that differs from the logged one can
+    only be a run setting (``ray.address``, ``mlflow.*``: not part of the run's fingerprint, e.g. fixed
+    after a failed start); MLflow refuses to change a param, so the first value stays and the change is
+    logged here."""
     from mlflow.entities import Param
 
-    items = [Param(k, ("null" if v is None else str(v))[:MLFLOW_PARAM_CHARS]) for k, v in sorted(flat.items())]
+    logged = client.get_run(run_id).data.params
+    values = {k: ("null" if v is None else str(v))[:MLFLOW_PARAM_CHARS] for k, v in flat.items()}
+    changed = sorted(k for k, v in values.items() if k in logged and logged[k] != v)
+    if changed:
+        log.info("run %s keeps its first value of %s (changed since: %s)", run_id, ", ".join(changed),
+                 ", ".join(f"{k}={values[k]}" for k in changed))
+    items = [Param(k, v) for k, v in sorted(values.items()) if k not in logged]
     for i in range(0, len(items), MLFLOW_BATCH_PARAMS):
         client.log_batch(run_id, params=items[i:i + MLFLOW_BATCH_PARAMS])
 

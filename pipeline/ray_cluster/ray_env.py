@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ctxseg.config import Params
+from ctxseg.errors import UserError
 from pipeline.ray_cluster.local_ray import local_ray_record, reap_orphaned_local_ray, record_local_ray
 
 log = logging.getLogger("ctxseg.ray")
@@ -71,6 +72,43 @@ def _loopback_only() -> Iterator[None]:
         services.resolve_ip_for_localhost = original
 
 
+class ClusterUnreachableError(UserError):
+    """The Ray cluster address of params or the environment does not answer."""
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def require_answer(address: str, key: str = "ray.address") -> None:
+    """Raise :class:`ClusterUnreachableError` within seconds when nothing accepts a connection at a
+    ``host:port`` or ``ray://host:port`` address (``ray.init`` itself retries such an address for more
+    than ten minutes). ``auto`` is left to Ray, which looks the address up on this machine."""
+    import socket
+
+    if address == "auto" or address == "local":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachableError(f"{key} = {address!r} is not an address: write host:port (the head's GCS "
+                                      "port, 6379 by default), ray://host:10001 or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise ClusterUnreachableError(
+            f"{key} = {address}: no Ray cluster answers there ({err.__class__.__name__}: {err.strerror or err}); "
+            f"start its head (`ray start --head`), or fix {key}") from None
+
+
+def check_cluster(params: Params) -> None:
+    """:func:`require_answer` for the cluster a stage will join (``ray.address``, else ``$RAY_ADDRESS``);
+    nothing to check for a local instance. A stage calls it before it opens any run."""
+    address = params.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        require_answer(address, "ray.address" if params.ray.address else "RAY_ADDRESS")
+
+
 def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     """Join the cluster named by params or ``$RAY_ADDRESS``, else start a loopback-only local instance
     sized ``num_cpus`` (default: this machine's CPUs); return ``"cluster"``, ``"local"`` or ``"existing"``.
@@ -85,6 +123,7 @@ def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     timeout = params.ray.worker_start_timeout_s
     address = params.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_cluster(params)
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True,
                  runtime_env=runtime_env(root, local=False, address=address, start_timeout_s=timeout))

@@ -22,6 +22,7 @@ from ctxseg.engine import Callback, NonFiniteLossError, build_optimizer, fit, re
 from pipeline import common
 from pipeline.storage import dataset_access
 from pipeline.ray_cluster import ray_env
+from pipeline.storage.filesystems import ray_storage
 from pipeline.storage.run_storage import last_checkpoint_name, newest_checkpoint
 from pipeline.mlflow_tracking.tracking import RemoteClient
 from pipeline.ray_cluster.train_callbacks import MlflowLog, ProgressLog, RayReport, StorageFullStop
@@ -173,6 +174,7 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
     from ray.train.torch import TorchTrainer
 
     use_gpu = ray_env.resolve_use_gpu(params)
+    storage_path, storage_filesystem = ray_storage(storage)
     resources = {"CPU": params.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = params.scaling.gpus_per_worker
@@ -186,7 +188,7 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
         scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=callbacks,
             # A worker group that cannot start (resources short) fails after worker_start_attempts tries
             # of ray.worker_start_timeout_s each; Ray's default retries it forever.
             failure_config=FailureConfig(max_failures=params.train.max_failures,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from ctxseg.errors import UserError
+from pipeline.storage.filesystems import filesystem, is_uri
 
 log = logging.getLogger("ctxseg.data_access")
 
@@ -46,10 +47,6 @@ def identity(prepared: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _is_uri(location: str) -> bool:
-    return "://" in location
-
-
 def publish(prepared: Path, data_path: Optional[str]) -> dict:
     """Make ``prepared`` readable by every worker; return the handle workers resolve (plain data)."""
     prepared = Path(prepared).resolve()
@@ -60,7 +57,7 @@ def publish(prepared: Path, data_path: Optional[str]) -> dict:
     import pyarrow.fs as pafs
 
     name = f"{prepared.name}-{ident}"
-    fs, base = pafs.FileSystem.from_uri(data_path) if _is_uri(data_path) else (pafs.LocalFileSystem(), data_path)
+    fs, base = filesystem(data_path)
     target = f"{base.rstrip('/')}/{name}"
     if fs.get_file_info(f"{target}/{MARKER}").type != pafs.FileType.File:
         log.info("publishing the prepared dataset to %s/%s", data_path.rstrip("/"), name)
@@ -68,7 +65,7 @@ def publish(prepared: Path, data_path: Optional[str]) -> dict:
         pafs.copy_files(str(prepared), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         with fs.open_output_stream(f"{target}/{MARKER}") as out:
             out.write(ident.encode())
-    handle.update(location=f"{data_path.rstrip('/')}/{name}", uri=_is_uri(data_path))
+    handle.update(location=f"{data_path.rstrip('/')}/{name}", uri=is_uri(data_path))
     return handle
 
 
@@ -82,7 +79,7 @@ def _node_cache(handle: dict) -> Path:
     with open(cache_root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (local / MARKER).is_file():
-            fs, path = pafs.FileSystem.from_uri(handle["location"])
+            fs, path = filesystem(handle["location"])
             if fs.get_file_info(f"{path}/{MARKER}").type != pafs.FileType.File:
                 raise FileNotFoundError(handle["location"])
             partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_root))

@@ -7,19 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 from ctxseg.checkpoint import CHECKPOINT_FILE, load_training_checkpoint
+from pipeline.storage.filesystems import filesystem
 
 log = logging.getLogger("ctxseg.train")
 
 
 def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:04d}"
-
-
-def filesystem(storage: str):
-    """(pyarrow filesystem, path on it) of a storage location."""
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
 
 
 def _checkpoint_dirs(storage: str, ray_name: str) -> tuple:
