@@ -94,7 +94,9 @@ class RayConfig(StrictModel):
     address: Optional[str] = Field(None, description='"auto", "ray://host:10001" or "host:6379"; null = local')
     storage_path: Optional[str] = Field(
         None, description="where Ray Train keeps checkpoints and Tune its trials: an s3:// (any pyarrow.fs) URI "
-        "or a path on a mount every node shares; null = models/<model>/ray and tune/ray in the repo (single node only)"
+        "or a path on a mount every node shares; null = models/<model>/ray and tune/ray in the repo (single node only). "
+        "S3 credentials and endpoint come from each node's environment (AWS_* variables, profile or role; "
+        "AWS_ENDPOINT_URL for MinIO and the like), never from params"
     )
     data_path: Optional[str] = Field(
         None, description="where workers on other nodes read the prepared dataset: a path on a mount every node "
@@ -122,8 +124,10 @@ RUN_SETTINGS = ("ray", "mlflow", "data.num_loader_workers", "data.preprocess_wor
 
 
 class MLflowConfig(StrictModel):
-    tracking_uri: Optional[str] = Field(None, description="null = sqlite:///<repo>/mlflow.db (or $MLFLOW_TRACKING_URI)")
-    artifact_root: Optional[str] = Field(None, description="null = <repo>/mlartifacts")
+    tracking_uri: Optional[str] = Field(None, description="null = sqlite:///<repo>/mlflow.db (or $MLFLOW_TRACKING_URI); "
+                                        "a tracking server: http(s)://host:port (token: $MLFLOW_TRACKING_TOKEN)")
+    artifact_root: Optional[str] = Field(None, description="null = <repo>/mlartifacts for the default store; the "
+                                         "server's own (e.g. proxied to a bucket) for a tracking server")
     experiment: str = Field("ctxseg", min_length=1)
     system_metrics: bool = True
     log_model: bool = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -103,7 +104,11 @@ def require_answer(address: str, key: str = "ray.address") -> None:
 
 def check_cluster(params: Params) -> None:
     """:func:`require_answer` for the cluster a stage will join (``ray.address``, else ``$RAY_ADDRESS``);
-    nothing to check for a local instance. A stage calls it before it opens any run."""
+    nothing to check for a local instance, or when this process is already connected (as
+    :func:`init_ray` then joins nothing). A stage calls it before it opens any run."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return
     address = params.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         require_answer(address, "ray.address" if params.ray.address else "RAY_ADDRESS")
