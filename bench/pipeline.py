@@ -11,12 +11,7 @@
 * MLflow logging cost per logged step (the train stage's rank-0 tracker, SQLite store), against the
   training step time;
 * data loading throughput (the train transform, ``num_loader_workers`` as in params) against the
-  training throughput;
-* the network-only cluster's services beside the local ones (``pipeline.local_cloud``: an S3 endpoint,
-  an MLflow server on PostgreSQL, all on loopback): one checkpoint of the bench run written and read
-  back in a local folder and in the bucket, and one logged step to SQLite, to the tracking server and
-  to the tracking server through the head's store actor. Loopback has no network latency: what these
-  rows show is the services' own cost, a floor for a real cloud.
+  training throughput.
 """
 from __future__ import annotations
 
@@ -163,73 +158,6 @@ def _mlflow(spec: dict) -> dict:
             "calls": len(direct), "metrics_per_call": len(record)}
 
 
-def _checkpoint_io(spec: dict) -> dict:
-    """Seconds to write one checkpoint file and read it back, per storage location (median of ``n``),
-    through the same filesystem layer the stages use (:mod:`pipeline.storage.filesystems`)."""
-    from pipeline.storage.filesystems import filesystem
-
-    payload = Path(spec["checkpoint"]).read_bytes()
-    out = {"bytes": len(payload)}
-    for name, location in spec["locations"].items():
-        fs, base = filesystem(location)
-        fs.create_dir(base, recursive=True)
-        writes, reads = [], []
-        for i in range(spec["n"]):
-            path = f"{base}/checkpoint_epoch_{i:04d}/state.pt"
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            t0 = time.perf_counter()
-            with fs.open_output_stream(path) as stream:
-                stream.write(payload)
-            t1 = time.perf_counter()
-            with fs.open_input_file(path) as stream:
-                assert len(stream.read()) == len(payload)
-            reads.append(time.perf_counter() - t1)
-            writes.append(t1 - t0)
-        out[name] = {"write_s": median(writes[1:] or writes), "read_s": median(reads[1:] or reads)}
-    return out
-
-
-def _cloud_rows(base: Path, proj: Path, step_s: float, log_every: int, quick: bool) -> tuple[list, dict]:
-    """Checkpoint and logging costs through the bucket and the tracking server, beside the local ones."""
-    from pipeline.local_cloud import LocalCloud, postgres_problem
-
-    problem = postgres_problem()
-    if problem:
-        return [{"measure": "bucket and tracking server", "value": "skipped", "ratio": problem}], {"skipped": problem}
-    checkpoint = next(iter(sorted(proj.glob("models/fcn/ray/**/state.pt"))), None) or \
-        next(iter(sorted(proj.glob("models/fcn/seeds/*/model.pt"))))
-    rows: list = []
-    with LocalCloud(base / "cloud") as cloud:
-        saved = {k: os.environ.get(k) for k in cloud.env()}
-        os.environ.update({**cloud.env(), "AWS_ENDPOINT_URL": cloud.s3.direct_url})
-        try:
-            io = run_worker(MODULE, {"job": "checkpoint_io", "checkpoint": str(checkpoint), "n": 5 if quick else 11,
-                                     "locations": {"local": str(base / "ckpt-local"),
-                                                   "bucket": f"s3://{cloud.s3.bucket}/bench/ray"}})
-            ml = run_worker(MODULE, {"job": "mlflow", "tracking_uri": cloud.mlflow.url,
-                                     "n": 12 if quick else 40, "root": str(proj)})
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-    if "error" not in io:
-        local, bucket = io["local"], io["bucket"]
-        rows.append({"measure": f"checkpoint write + read, local folder ({io['bytes'] / 2**20:.1f} MiB)",
-                     "value": f"{1000 * local['write_s']:.1f} + {1000 * local['read_s']:.1f} ms"})
-        rows.append({"measure": "... the same in the S3 bucket (moto on loopback)",
-                     "value": f"{1000 * bucket['write_s']:.1f} + {1000 * bucket['read_s']:.1f} ms",
-                     "ratio": f"{(bucket['write_s'] + bucket['read_s']) / (local['write_s'] + local['read_s']):.1f}x "
-                              f"the local folder; write = {100 * bucket['write_s'] / step_s:.0f}% of one step"})
-    if "error" not in ml:
-        rows.append({"measure": "MLflow per logged step, tracking server (PostgreSQL) from the head",
-                     "value": f"{1000 * ml['per_call_s']:.1f} ms",
-                     "ratio": f"{100 * ml['per_call_s'] / (step_s * log_every):.2f}% of the steps it covers"})
-        rows.append({"measure": "... through the head's store actor (the path of every rank)",
-                     "value": f"{1000 * ml['actor_per_call_s']:.1f} ms",
-                     "ratio": f"{ml['actor_per_call_s'] / ml['per_call_s']:.2f}x the direct call; "
-                              f"{100 * ml['actor_per_call_s'] / (step_s * log_every):.2f}% of the steps it covers"})
-    return rows, {"checkpoint_io": io, "mlflow_server": ml}
-
-
 def _noop_loop(config: dict) -> None:
     import ray.train
 
@@ -265,8 +193,7 @@ def _ray_fixed(spec: dict) -> dict:
 
 
 def _worker(spec: dict) -> dict:
-    return {"plain": _plain_train, "loader": _loader, "mlflow": _mlflow, "ray_fixed": _ray_fixed,
-            "checkpoint_io": _checkpoint_io}[spec["job"]](spec)
+    return {"plain": _plain_train, "loader": _loader, "mlflow": _mlflow, "ray_fixed": _ray_fixed}[spec["job"]](spec)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -369,8 +296,6 @@ def run(opts) -> dict:
                      "value": f"{1000 * ml['actor_per_call_s']:.1f} ms",
                      "ratio": f"{ml['actor_per_call_s'] / ml['per_call_s']:.2f}x the direct call; "
                               f"{100 * ml['actor_per_call_s'] / (step_s * log_every):.2f}% of the steps it covers"})
-        cloud_rows, cloud = _cloud_rows(base, proj, step_s, log_every, quick)
-        rows += cloud_rows
         ld = run_worker(MODULE, {"job": "loader", "params": str(bp), "prepared": str(prepared),
                                  "epochs": 1 if quick else 3})
         tr_ips = plain2["train_images_per_s"]
@@ -384,7 +309,7 @@ def run(opts) -> dict:
         return {"rows": rows, "targets": targets, "epochs": epochs, "work_s_target": work_s,
                 "noop_runs_s": noop, "plain": [plain, plain2], "plain_wall_s": [plain_wall1, plain_wall2],
                 "ray_wall_s": ray_wall, "ray_in_loop_s": ray_in_loop,
-                "ray_fixed": rf, "mlflow": ml, "loader": ld, "cloud": cloud}
+                "ray_fixed": rf, "mlflow": ml, "loader": ld}
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

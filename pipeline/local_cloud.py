@@ -224,10 +224,12 @@ def postgres_problem() -> Optional[str]:
 
 
 class Postgres:
-    """A throw-away PostgreSQL cluster on loopback with a database ``mlflow`` (trust auth, loopback only)."""
+    """A throw-away PostgreSQL cluster on loopback with a database ``mlflow`` (trust auth, loopback only),
+    in a folder of its own under /var/tmp (the server runs as ``postgres`` when this process is root,
+    and must reach its folder: a folder inside another user's private temporary folder would not do)."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir / "postgres"
+    def __init__(self):
+        self.workdir = Path(tempfile.mkdtemp(prefix="ctxseg-pg-", dir="/var/tmp"))
         self.port = free_port()
         self.bin = sorted(PG_BIN.glob("*/bin"))[-1] if list(PG_BIN.glob("*/bin")) else None
 
@@ -245,9 +247,7 @@ class Postgres:
         problem = postgres_problem()
         if problem:
             raise RuntimeError(problem)
-        self.workdir.mkdir(parents=True)
-        if os.geteuid() == 0:  # the server runs as `postgres`: it must reach (not read) the folder above
-            os.chmod(self.workdir.parent, os.stat(self.workdir.parent).st_mode | 0o111)
+        if os.geteuid() == 0:
             shutil.chown(self.workdir, "postgres")
         for args in (("initdb", "-D", "data", "-U", "mlflow", "--auth=trust", "-E", "UTF8"),
                      ("pg_ctl", "-D", "data", "-l", "server.log", "-w", "-t", "60", "-o",
@@ -261,6 +261,7 @@ class Postgres:
     def stop(self) -> None:
         if self.bin is not None and (self.workdir / "data" / "postmaster.pid").is_file():
             self._run("pg_ctl", "-D", "data", "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class TrackingServer:
@@ -312,7 +313,7 @@ class LocalCloud:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ctxseg-cloud-", dir="/var/tmp"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.s3 = S3Endpoint(self.workdir)
-        self.postgres = Postgres(self.workdir)
+        self.postgres = Postgres()
         self.mlflow: Optional[TrackingServer] = None
 
     def start(self) -> "LocalCloud":

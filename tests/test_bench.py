@@ -68,3 +68,22 @@ def test_gpu_group_code_runs_on_the_cpu_with_bf16_autocast():
     assert all(r["images_per_s"] > 0 and math.isnan(r["peak_MiB"]) for r in rows[:3])
     assert [r["what"] for r in rows[3:]] == ["DCA latency 1x32x16^2 fp32", "DCA latency 1x32x16^2 AMP bfloat16"]
     assert all(r["ms"] > 0 for r in rows[3:])
+
+
+def test_cloud_group_checkpoint_worker_writes_and_reads_a_real_checkpoint(tmp_path):
+    """The ``cloud`` group's checkpoint job on a local folder (the bucket side runs in `python -m bench
+    --only cloud`): the payload is a real training checkpoint, written and read back through the stages'
+    filesystem layer."""
+    import torch
+
+    from bench import run_worker
+    from bench.cloud import _checkpoint_bytes
+
+    done = run_worker("bench.cloud", {"job": "checkpoint_io", "n": 2, "locations": {"local": str(tmp_path / "ck")}})
+    assert "error" not in done, done
+    assert done["bytes"] > 1_000_000 and done["local"]["write_s"] > 0 and done["local"]["read_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["checkpoint_epoch_0000", "checkpoint_epoch_0001"]
+    import io
+
+    payload = torch.load(io.BytesIO(_checkpoint_bytes()), weights_only=True)
+    assert {"model", "optimizer", "state", "rng"} <= payload.keys() and payload["optimizer"]["state"]

@@ -47,7 +47,7 @@ def cloud():
 
 @pytest.fixture(scope="module")
 def cluster(cloud):
-    c = IsolatedCluster(hidden=[cloud.workdir], workers=2, cpus_per_node=1, head_cpus=0, env=cloud.env()).start()
+    c = IsolatedCluster(hidden=[cloud.workdir, cloud.postgres.workdir], workers=2, cpus_per_node=1, head_cpus=0, env=cloud.env()).start()
     yield c
     c.stop()
 
