@@ -54,10 +54,10 @@ def test_local_cloud_prints_working_settings_and_stops_on_ctrl_c():
                           aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"])
         assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)]
-        assert len(set(ports)) >= 3 and all(answers(p) for p in set(ports))
+        assert len(set(ports)) >= 3 and all(answers(p) for p in set(ports)), text
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, rest
+    assert proc.returncode == 0, text + rest
     time.sleep(1)
-    assert not [p for p in set(ports) if answers(p)], "a server outlived Ctrl-C"
+    assert not [p for p in set(ports) if answers(p)], f"a server outlived Ctrl-C:\n{text}{rest}"
