@@ -53,6 +53,21 @@ class Paths:
         return self.metrics / f"{name}.json"
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def connection_refused(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> Optional[OSError]:
+    """Why nothing accepts a TCP connection at ``host:port`` within ``timeout`` seconds, or None if
+    something does (the start-of-stage check of a server the params name)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return err
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level,

@@ -16,6 +16,7 @@ listens on 127.0.0.1 only and is stopped by PID. Nothing here is used by a stage
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -180,22 +181,22 @@ class S3Endpoint:
         _wait(lambda: _answers(self.server_port), 60, "the S3 endpoint (moto_server)", self.proc, logfile)
         self.gateway = Gateway(self.server_port)
         self.gateway.up()
+        self._client().create_bucket(Bucket=self.bucket)
+        return self
+
+    @functools.cache
+    def _client(self):
+        """A boto3 client of the server itself (made once: the tests poll :meth:`keys`)."""
         import boto3
 
-        boto3.client("s3", endpoint_url=self.direct_url, region_name="us-east-1",
-                     aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=self.bucket)
-        return self
+        return boto3.client("s3", endpoint_url=self.direct_url, region_name="us-east-1",
+                            aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"])
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key under ``prefix`` in the bucket."""
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.direct_url, region_name="us-east-1",
-                              aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"])
         found = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             found += [o["Key"] for o in page.get("Contents", [])]
         return found
 

@@ -63,7 +63,6 @@ class TrackingUnreachableError(UserError):
     """The tracking store named by params or the environment does not answer."""
 
 
-PROBE_TIMEOUT_S = 5.0
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
@@ -80,17 +79,15 @@ def require_answer(uri: str, key: str = "mlflow.tracking_uri") -> None:
     server, ``postgresql://`` / ``mysql://`` database) does not accept a connection. MLflow's own client
     retries such a URI for minutes (~250 s) before a traceback; during a run those retries are what
     carries a stage over a server restart, so they are kept there."""
-    import socket
+    from pipeline.common import connection_refused
 
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0]
     if scheme not in DEFAULT_PORTS or not parsed.hostname:
         return
     port = parsed.port or DEFAULT_PORTS[scheme]
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as err:
+    err = connection_refused(parsed.hostname, port)
+    if err is not None:
         shown = parsed._replace(netloc=f"{parsed.hostname}:{port}").geturl()  # never a password
         raise TrackingUnreachableError(
             f"{key} = {shown}: the MLflow tracking store does not answer ({err.__class__.__name__}: "

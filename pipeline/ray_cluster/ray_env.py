@@ -77,14 +77,11 @@ class ClusterUnreachableError(UserError):
     """The Ray cluster address of params or the environment does not answer."""
 
 
-PROBE_TIMEOUT_S = 5.0
-
-
 def require_answer(address: str, key: str = "ray.address") -> None:
     """Raise :class:`ClusterUnreachableError` within seconds when nothing accepts a connection at a
     ``host:port`` or ``ray://host:port`` address (``ray.init`` itself retries such an address for more
     than ten minutes). ``auto`` is left to Ray, which looks the address up on this machine."""
-    import socket
+    from pipeline.common import connection_refused
 
     if address == "auto" or address == "local":
         return
@@ -93,10 +90,8 @@ def require_answer(address: str, key: str = "ray.address") -> None:
     if not host or not port.isdigit():
         raise ClusterUnreachableError(f"{key} = {address!r} is not an address: write host:port (the head's GCS "
                                       "port, 6379 by default), ray://host:10001 or auto")
-    try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as err:
+    err = connection_refused(host, int(port))
+    if err is not None:
         raise ClusterUnreachableError(
             f"{key} = {address}: no Ray cluster answers there ({err.__class__.__name__}: {err.strerror or err}); "
             f"start its head (`ray start --head`), or fix {key}") from None
