@@ -261,7 +261,9 @@ class Postgres:
 
     def stop(self) -> None:
         if self.bin is not None and (self.workdir / "data" / "postmaster.pid").is_file():
-            self._run("pg_ctl", "-D", "data", "-m", "fast", "-w", "stop")
+            # "fast" ends every session; "immediate" if that has not finished within 20 s
+            if self._run("pg_ctl", "-D", "data", "-m", "fast", "-w", "-t", "20", "stop").returncode != 0:
+                self._run("pg_ctl", "-D", "data", "-m", "immediate", "-w", "-t", "20", "stop")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -328,10 +330,11 @@ class LocalCloud:
         return self
 
     def stop(self) -> None:
-        if self.mlflow is not None:
-            self.mlflow.stop()
-        self.postgres.stop()
-        self.s3.stop()
+        for name, server in (("the MLflow tracking server", self.mlflow), ("PostgreSQL", self.postgres), ("the S3 endpoint", self.s3)):
+            if server is not None:
+                started = time.monotonic()
+                server.stop()
+                log.info("stopped %s in %.1f s", name, time.monotonic() - started)
 
     def __enter__(self) -> "LocalCloud":
         return self.start()
@@ -370,9 +373,6 @@ def main() -> int:
         log.error("cannot start the local cloud: %s", problem)
         return 2
     cloud = LocalCloud()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with cloud:
         params = cloud.params()
         log.info("S3 endpoint %s (bucket %s), PostgreSQL %s, MLflow tracking server %s",
@@ -385,8 +385,13 @@ def main() -> int:
                  params["ray"]["storage_path"], params["ray"]["data_path"], params["mlflow"]["tracking_uri"])
         log.info("\n# 3. a DVC remote on the bucket:\ndvc remote add -d bucket s3://%s/study/dvc\n"
                  "dvc remote modify --local bucket endpointurl %s", cloud.s3.bucket, cloud.s3.url)
+        # wait for Ctrl-C / SIGTERM with the signals blocked and taken synchronously: no Python handler
+        # runs in the middle of the wait, so none can race it (the servers, started above, keep the
+        # default signal mask)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         log.info("\nCtrl-C stops every server (the bucket and the database are thrown away).")
-        stop.wait()
+        received = signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        log.info("%s: stopping the servers", signal.Signals(received).name)
     return 0
 
 

@@ -57,7 +57,13 @@ def test_local_cloud_prints_working_settings_and_stops_on_ctrl_c():
         assert len(set(ports)) >= 3 and all(answers(p) for p in set(ports)), text
     finally:
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired as stuck:
+            proc.kill()
+            rest = (stuck.output or "") + proc.communicate()[0]
+            pytest.fail(f"Ctrl-C did not stop make local-cloud within 120 s:\n{text}{rest}")
     assert proc.returncode == 0, text + rest
+    assert rest.count("stopped ") == 3, rest
     time.sleep(1)
     assert not [p for p in set(ports) if answers(p)], f"a server outlived Ctrl-C:\n{text}{rest}"
