@@ -1,7 +1,7 @@
 """DVC stage ``tune``: Ray Tune sweeps over CFNet's K × H and MCIBI's m0, α, β (``tune.sweeps``).
 
-Each trial is a full Ray Train run built by :func:`pipeline.train.make_trainer`, the train stage's own
-code path, reporting rank-0 metrics to Tune. Each sweep is one MLflow parent run; each trial a child
+Each trial runs the train stage's own rank code (:mod:`pipeline.ray_cluster.tune_trial`): in the trial's
+process, reused from trial to trial, when it has one rank; as a Ray Train run (DDP) when it has several. Each sweep is one MLflow parent run; each trial a child
 run (tag ``mlflow.parentRunId``) with the train stage's params and metric names, so sweeps and training
 runs line up in the comparison UI.
 
@@ -43,13 +43,11 @@ from pipeline.mlflow_tracking import mlflow_store, tracking
 from pipeline.ray_cluster import ray_env
 from pipeline.storage.filesystems import check_ray_storage, ray_storage
 from pipeline.storage.run_storage import clear_storage
-from pipeline.ray_cluster.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children, result_rows,
-                                 run_trial, scheduler, search_space, searcher)
+from pipeline.ray_cluster.tune_trial import (REPEAT_KEY, close_parent_run, log_sweep_params, reconcile_children,
+                                            result_rows, run_trial, scheduler, search_space, searcher,
+                                            start_watchdog, trains_in_trial_process, trial_resources)
 
 log = logging.getLogger("ctxseg.tune")
-
-TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes reserved for each trial's driver function
-
 
 def sweep_fingerprint(params: Params, name: str) -> str:
     plain = params_to_dict(params)
@@ -112,18 +110,18 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
     context = {"base": params_to_dict(params), "sweep": name, "parent_run_id": parent_id, "store": store,
                "experiment_id": experiment_id, "origin": origin, "label": label, "dataset": dataset,
                "storage": storage}
-    # The trial function only waits on its TorchTrainer: it holds no CPU (a small memory reservation
-    # keeps its bundle non-empty), so the workers get every CPU the sweep asks for.
-    trainable = tune.with_resources(functools.partial(run_trial, context=context),
-                                    {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = tune.with_resources(functools.partial(run_trial, context=context), trial_resources(params))
     t, metric = params.tune, params.tune.metric
     ray_path, ray_fs = ray_storage(storage)
 
     def tuner(space, search_alg, sched, tuner_name, samples):
         return tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=samples, search_alg=search_alg, scheduler=sched,
-            max_concurrent_trials=t.max_concurrent_trials), run_config=tune.RunConfig(
-            name=tuner_name, storage_path=ray_path, storage_filesystem=ray_fs, failure_config=tune.FailureConfig(max_failures=params.train.max_failures)))
+            max_concurrent_trials=t.max_concurrent_trials,
+            # a single-rank trial trains in its own process: the next trial reuses it (imports, warm caches)
+            reuse_actors=trains_in_trial_process(params)), run_config=tune.RunConfig(
+            name=tuner_name, storage_path=ray_path, storage_filesystem=ray_fs, callbacks=[start_watchdog(params)],
+            failure_config=tune.FailureConfig(max_failures=params.train.max_failures)))
 
     try:
         rows = result_rows(_fit("tuner", storage, resumable, trainable, lambda: tuner(

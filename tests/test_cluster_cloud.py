@@ -211,7 +211,7 @@ def test_sweep_on_isolated_nodes_survives_a_tracking_server_restart(study, cloud
     assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"]
     trial_keys = cloud.s3.keys(f"{PREFIX}/ray/tune/kxh/")
     for r in rows:
-        assert any(f"/trials/{r['trial_id']}/" in k for k in trial_keys), "trial checkpoints live in the bucket"
+        assert any(r["trial_id"] in k and "/checkpoint_" in k for k in trial_keys), "trial checkpoints live in the bucket"
         trial_run = client.get_run(r["mlflow_run_id"])
         assert trial_run.info.status == "FINISHED" and trial_run.data.params["tune.acf.mixtures"] == r["acf.mixtures"]
         assert len(client.get_metric_history(trial_run.info.run_id, "val_mIoU")) == 2

@@ -29,17 +29,16 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     })
     assert run(["dvc", "repro", "preprocess"], project).returncode == 0
 
-    # 1. start the sweep and interrupt it once a trial has finished
+    # 1. start the sweep and interrupt it once a trial has reported its first epoch
     log_file = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(["python", "-m", "pipeline.tune"], cwd=project, env=pipeline_env(),
                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     state = project / "tune" / "ray" / "kxh" / "tuner"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        finished = [p for p in state.glob("*/result.json") if p.read_text().count("\n") >= 3]
-        if finished:
+        if any(p.read_text().count("\n") >= 1 for p in state.glob("*/result.json")):
             break
-        time.sleep(1)
+        time.sleep(0.1)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=180)
@@ -61,7 +60,9 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     longest = max(int(r["epochs"]) for r in rows)
     full = [r for r in rows if int(r["epochs"]) == longest]  # like for like: the trials that ran every epoch
     ranked = sorted(full, key=lambda r: float(r["best_mIoU"]))
-    assert sorted(r["repeat_of"] for r in repeats) == sorted([ranked[0]["trial_id"], ranked[-1]["trial_id"]])
+    # (ASHA decides how many ran every epoch: with fewer than two there is nothing to compare, no repeat)
+    targets = [ranked[0]["trial_id"], ranked[-1]["trial_id"]] if len(full) >= 2 else []
+    assert sorted(r["repeat_of"] for r in repeats) == sorted(targets)
     for r in repeats:
         original = by_id[r["repeat_of"]]
         assert r["seed"] == "1" and original["seed"] == "0"
@@ -93,7 +94,10 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
         assert child.info.status == "FINISHED", (child.info.run_name, child.data.tags.get("tune_status"))
         assert child.data.tags["tune_status"] == status_of[child.data.tags["trial_id"]]
         assert child.info.run_name.startswith(f"kxh/{child.data.tags['trial_id']}"), "names lead with the trial id"
-    assert {"grid_spread", "seed_spread"} <= set(parent.data.metrics)
+    if targets:  # the noise level of the sweep, from its seed repeats
+        assert {"grid_spread", "seed_spread"} <= set(parent.data.metrics)
+    else:
+        assert not {"grid_spread", "seed_spread"} & set(parent.data.metrics)
     for child in children:
         assert child.data.params["tune.acf.mixtures"] == child.data.params["model.acf.mixtures"]
         repeat_of = child.data.tags.get("repeat_of")
@@ -104,7 +108,10 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
 
     # best.yaml is params vocabulary: it validates, and merged into params.yaml it picks the best trial
     best_text = (project / "tune" / "best.yaml").read_text()
-    assert "seed noise from" in best_text and ("not distinguishable" in best_text or "more than seed noise" in best_text)
+    if targets:
+        assert "seed noise from" in best_text and ("not distinguishable" in best_text or "more than seed noise" in best_text)
+    else:
+        assert "No seed repeats ran" in best_text and "NOT A RECOMMENDATION" in best_text
     best = yaml.safe_load(best_text)
     parse_params(best)
     merged = parse_params(deep_merge(yaml.safe_load((project / "params.yaml").read_text()), best))
@@ -211,3 +218,24 @@ def test_resumed_trial_and_sweep_runs_get_the_params_an_interruption_cut_off(tmp
     logged = client.get_run(parent).data.params
     assert logged["sweep.model"] == params.tune.sweeps[sweep].model
     assert logged["tune.metric"] == params.tune.metric
+
+
+def test_trial_of_several_ranks_trains_as_a_ray_train_run(tmp_path, tiny_overrides):
+    """``tune.workers_per_trial: 2``: the trial fits the train stage's TorchTrainer (two DDP ranks), its
+    checkpoints under the sweep's ``trials/<trial id>/``, its metrics in its MLflow run."""
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path / "study", tiny_overrides, replace={
+        "models": {"fcn_acf": {"context": "acf"}},
+        "tune": dict(SWEEP, epochs=1, scheduler="fifo", seed_repeats=False, workers_per_trial=2, max_concurrent_trials=1,
+                     sweeps={"kxh": {"model": "fcn_acf", "search": "grid", "space": {"acf.heads": {"grid": [2]}}}}),
+    })
+    assert run(["dvc", "repro", "preprocess"], project).returncode == 0
+    done = run(["python", "-m", "pipeline.tune"], project)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    [row] = list(csv.DictReader((project / "tune" / "results.csv").open()))
+    assert row["status"] == "COMPLETED" and row["epochs"] == "1"
+    assert (project / "tune" / "ray" / "kxh" / "trials" / row["trial_id"] / "checkpoint_epoch_0001").is_dir()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    trial_run = client.get_run(row["mlflow_run_id"])
+    assert trial_run.info.status == "FINISHED" and "val_mIoU" in trial_run.data.metrics

@@ -23,7 +23,7 @@ from pipeline import common
 from pipeline.storage import dataset_access
 from pipeline.ray_cluster import ray_env
 from pipeline.storage.filesystems import ray_storage
-from pipeline.storage.run_storage import last_checkpoint_name, newest_checkpoint
+from pipeline.storage.run_storage import checkpoint_payload, last_checkpoint_name, newest_checkpoint
 from pipeline.mlflow_tracking.tracking import RemoteClient
 from pipeline.ray_cluster.train_callbacks import MlflowLog, ProgressLog, RayReport, StorageFullStop
 
@@ -41,11 +41,98 @@ def _agree(rank_error: Optional[str], world: int) -> list[str]:
     return [e for e in errors if e]
 
 
+class RankSession:
+    """What a training rank asks of the Ray library it runs under: its rank, its device, the checkpoint
+    it restarts from and the per-epoch report. :class:`RayTrainRank` (a Ray Train worker, any world
+    size) and :class:`TuneTrialRank` (a single-rank Tune trial that trains in its own process)."""
+
+    rank, world = 0, 1
+    scans_storage = False  # True: restart from the newest complete checkpoint folder of the run's storage
+    report_returns = True  # False: the report may end the rank (a Tune scheduler stopping the trial there)
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def recorded_checkpoint(self):
+        """The library's own record of the newest persisted checkpoint (a ``Checkpoint``) or None."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
+        """Report an epoch's metrics, with the checkpoint folder (rank 0) persisted before it returns."""
+        raise NotImplementedError
+
+
+class RayTrainRank(RankSession):
+    """A rank of a Ray Train worker group (DDP when ``world`` > 1)."""
+
+    scans_storage = True
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @property
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def recorded_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+
+
+class TuneTrialRank(RankSession):
+    """The only rank of a Tune trial that trains in the trial's own process (no worker group to start:
+    the trial's actor, reused across trials, is the worker). Tune persists its checkpoints and restores
+    a restarted or resumed trial from the newest one it recorded."""
+
+    report_returns = False
+
+    def __init__(self, use_gpu: bool):
+        self.use_gpu = use_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda:0" if self.use_gpu and torch.cuda.is_available() else "cpu")
+
+    def recorded_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """One DDP rank. ``config`` carries plain data and Ray handles only (no head-local paths)."""
+    """One DDP rank of a Ray Train worker group (the ``train`` stage, and Tune trials of several ranks)."""
+    run_rank(config, RayTrainRank())
+
+
+def run_rank(config: dict, session: RankSession) -> None:
+    """One rank's training. ``config`` carries plain data and Ray handles only (no head-local paths)."""
     import ray
-    import ray.train
-    import ray.train.torch
 
     from ctxseg.engine import seed_everything
     from ctxseg.loaders import build_loaders
@@ -55,11 +142,10 @@ def train_loop_per_worker(config: dict) -> None:
     ray_env.quiet_ray_report_log()
     params = parse_params(config["params"]).for_seed(config["seed"])
     name = config["model_name"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(params.scaling.cpus_per_worker)))
     seed_everything(params.seed * 1000 + rank)
-    device = ray.train.torch.get_device()
+    device = session.device
     node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
     problem = None
     try:
@@ -78,22 +164,25 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_segmentor(params.model_config_of(name), loaders.num_classes)
     if world > 1 and params.scaling.sync_batchnorm and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     optimizer = build_optimizer(model, params.train)
     amp_dtype = None if params.train.amp == "off" or device.type != "cuda" else (
         torch.bfloat16 if params.train.amp == "bf16" else torch.float16)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    payload = newest_checkpoint(config["storage"], config["ray_name"], ray.train.get_checkpoint())
+    recorded = session.recorded_checkpoint()
+    payload = (newest_checkpoint(config["storage"], config["ray_name"], recorded) if session.scans_storage
+               else checkpoint_payload(recorded))
     state = restore_from_payload(payload, model, optimizer, scaler) if payload is not None else None
     if state is not None and rank == 0:
         log.info("[%s] resumed from checkpoint at epoch %d, iteration %d", name, state.epoch, state.iteration)
 
-    callbacks: list[Callback] = [RayReport()]
+    callbacks: list[Callback] = [RayReport(session.report)]
     if rank == 0:
         mlflow_log = MlflowLog(RemoteClient(store), config["run_id"], config["system_metrics"],
                                replay=(payload or {}).get(MlflowLog.PAYLOAD_KEY))
-        callbacks = [ProgressLog(name), RayReport(extra=mlflow_log.checkpoint_records, storage=config["storage"]),
-                     mlflow_log]
+        report = RayReport(session.report, extra=mlflow_log.checkpoint_records, storage=config["storage"])
+        # MLflow hears of an epoch after its checkpoint is persisted, unless the report may not return
+        callbacks = [ProgressLog(name), *((report, mlflow_log) if session.report_returns else (mlflow_log, report))]
     callbacks += list(config.get("callbacks") or [])
     try:
         fit(model, loaders.train, loaders.val, optimizer, params.train, num_classes=loaders.num_classes,
@@ -167,9 +256,17 @@ def workers_not_started(trainer, err: Exception) -> str:
             f"{ray_env.explain_start_failure(scaling.num_workers, per_worker)}")
 
 
+def rank_config(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str, name: str,
+                worker_callbacks: Optional[list] = None) -> dict:
+    """The ``config`` of :func:`run_rank`: plain data and Ray handles only, so a rank runs on any node."""
+    return {"params": params_to_dict(params), "seed": params.seed, "model_name": model_name, "dataset": dataset,
+            "store": store, "run_id": run_id, "system_metrics": params.mlflow.system_metrics, "storage": storage,
+            "ray_name": name, "callbacks": list(worker_callbacks or [])}
+
+
 def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str,
                  name: str, callbacks: Optional[list] = None, worker_callbacks: Optional[list] = None):
-    """The TorchTrainer of one training run; shared by the train stage and every Tune trial."""
+    """The TorchTrainer of one training run; shared by the train stage and every Tune trial of several ranks."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -180,11 +277,8 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
         resources["GPU"] = params.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "params": params_to_dict(params), "seed": params.seed, "model_name": model_name, "dataset": dataset, "store": store,
-            "run_id": run_id, "system_metrics": params.mlflow.system_metrics, "storage": storage,
-            "ray_name": name, "callbacks": list(worker_callbacks or []),
-        },
+        train_loop_config=rank_config(params, model_name, dataset=dataset, store=store, run_id=run_id,
+                                      storage=storage, name=name, worker_callbacks=worker_callbacks),
         scaling_config=ScalingConfig(num_workers=params.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -200,4 +294,5 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
     )
 
 
-__all__ = ["train_loop_per_worker", "make_trainer", "fatal_error_of", "fit_or_explain"]
+__all__ = ["RankSession", "RayTrainRank", "TuneTrialRank", "train_loop_per_worker", "run_rank", "rank_config",
+           "make_trainer", "fatal_error_of", "fit_or_explain"]

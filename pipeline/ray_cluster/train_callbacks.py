@@ -59,14 +59,17 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 class RayReport(Callback):
-    """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier).
+    """Every epoch: rank 0 writes the checkpoint, every rank reports (Ray Train's report is a barrier).
 
-    ``extra(run, metrics)``: more entries for rank 0's checkpoint payload (plain data)."""
+    ``report(metrics, checkpoint_dir, dir_name)``: the rank's report to Ray Train or Tune
+    (:class:`pipeline.ray_cluster.ray_train.RankSession`); ``extra(run, metrics)``: more entries for rank
+    0's checkpoint payload (plain data)."""
 
     SPACE_MARGIN = 1 << 20  # bytes left free beyond the checkpoint
 
-    def __init__(self, extra: Optional[Callable[[FitRun, dict], dict]] = None, storage: Optional[str] = None):
-        self.extra, self.storage = extra, storage
+    def __init__(self, report: Callable[[dict, Optional[str], str], None],
+                 extra: Optional[Callable[[FitRun, dict], dict]] = None, storage: Optional[str] = None):
+        self.report, self.extra, self.storage = report, extra, storage
 
     def _check_space(self, size: int) -> None:
         """Refuse to hand Ray a checkpoint a local or mounted storage cannot hold: Ray 2.60 persists it
@@ -86,14 +89,12 @@ class RayReport(Callback):
                                         f"{free / 2**20:.1f} MiB free at {self.storage}")
 
     def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
         payload = run.checkpoint()  # every rank: gathers the ranks' RNG states
         if self.extra is not None:
             payload.update(self.extra(run, metrics))
+        dir_name = checkpoint_dir_name(run.state.epoch)
         if run.rank != 0:
-            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+            self.report(metrics, None, dir_name)
             self._stop_if_full(run, None)
             return
         full = None
@@ -101,13 +102,12 @@ class RayReport(Callback):
             with tempfile.TemporaryDirectory() as tmp:
                 save_training_checkpoint(Path(tmp), payload)
                 self._check_space(sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))
+                self.report(metrics, tmp, dir_name)
         except Exception as err:  # a full disk fails every retry the same way: stop, do not retry
             if not is_disk_full(err):
                 raise
             full = err
-            ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name(run.state.epoch))  # release the barrier
+            self.report(metrics, None, dir_name)  # release the barrier
         self._stop_if_full(run, full)
 
     def _stop_if_full(self, run: FitRun, full: Optional[BaseException]) -> None:
@@ -125,13 +125,17 @@ class RayReport(Callback):
 
 class MlflowLog(Callback):
     """Rank 0's MLflow logging through the head's store actor. Interval records wait in memory until
-    the epoch's checkpoint is persisted, so the history never shows steps of a discarded attempt; a
-    replayed step already in the history is skipped (its value is identical: resume is exact)."""
+    the epoch ends; placed after :class:`RayReport` (Ray Train) they are sent once the epoch's checkpoint
+    is persisted, so the history never shows steps of a discarded attempt. In a Tune trial the report
+    may never return (the scheduler ends the trial there), so it is placed before: a trial that fails
+    before its checkpoint is persisted recomputes the epoch identically when restored (resume is exact)
+    and a replayed step already in the history is skipped."""
 
     PAYLOAD_KEY = "mlflow_records"  # the checkpoint entry holding the epoch's records (step, metrics)
 
     def __init__(self, client: RemoteClient, run_id: str, system_metrics: bool, replay: Optional[list] = None):
         self.client, self.run_id, self.pending, self.logged = client, run_id, [], {}
+        self.sent: Optional[tuple] = None  # (iteration, records) of the epoch already sent
         self.replay = list(replay or [])  # the records of the checkpoint a resumed run starts from
         self.system = None
         if system_metrics:
@@ -155,17 +159,20 @@ class MlflowLog(Callback):
         return self.pending + [(epoch, run.state.iteration)]
 
     def checkpoint_records(self, run: FitRun, metrics: dict) -> dict:
-        """The epoch's records for the checkpoint (:class:`RayReport` ``extra``)."""
+        """The epoch's records for the checkpoint (:class:`RayReport` ``extra``), sent or not yet."""
+        if self.sent is not None and self.sent[0] == run.state.iteration:
+            return {self.PAYLOAD_KEY: self.sent[1]}
         return {self.PAYLOAD_KEY: self._epoch_records(run, metrics)}
 
     def on_log(self, run: FitRun, record: dict) -> None:
         self.pending.append((dict(record), run.state.iteration))
 
-    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:  # runs after RayReport: checkpoint persisted
+    def on_epoch_end(self, run: FitRun, metrics: dict) -> None:
         import ray
 
-        ray.get([self.client.actor.log_metric_points.remote(self.run_id, rec, step)
-                 for rec, step in self._epoch_records(run, metrics)])
+        records = self._epoch_records(run, metrics)
+        self.sent = (run.state.iteration, records)
+        ray.get([self.client.actor.log_metric_points.remote(self.run_id, rec, step) for rec, step in records])
         self.pending = []
 
     def on_fit_end(self, run: FitRun, error: Optional[BaseException]) -> None:

@@ -1,7 +1,11 @@
-"""What runs inside Ray Tune for the ``tune`` stage: one trial (a full Ray Train run built by
-:func:`pipeline.ray_cluster.ray_train.make_trainer`, the train stage's own code path), the search space, the
-searcher and the ASHA scheduler, the trial results read back as plain rows (:mod:`ctxseg.sweep`), and the
-sweep's MLflow parent run.
+"""What runs inside Ray Tune for the ``tune`` stage: one trial, the search space, the searcher and the
+ASHA scheduler, the trial results read back as plain rows (:mod:`ctxseg.sweep`), and the sweep's MLflow
+parent run.
+
+A trial runs the train stage's own rank code (:func:`pipeline.ray_cluster.ray_train.run_rank`). With one
+rank (``scaling.num_workers: 1``) it trains in the trial's own process, which Tune reuses for the next
+trial (no Ray Train controller and worker to start and stop per trial: bench/RESULTS.md); with several
+ranks the trial fits a Ray Train ``TorchTrainer`` (DDP), the train stage's trainer.
 
 A trial may run on any node: it reaches MLflow through the head's store actor
 (:class:`pipeline.mlflow_tracking.tracking.RemoteClient`), the dataset through the published handle
@@ -19,7 +23,9 @@ from ctxseg.config import Params, SweepConfig, flatten, params_to_dict, parse_pa
 from ctxseg.sweep import trial_params, trial_status
 from pipeline import common
 from pipeline.mlflow_tracking import tracking
-from pipeline.ray_cluster.ray_train import fatal_error_of, make_trainer, workers_not_started
+from pipeline.ray_cluster import ray_env
+from pipeline.ray_cluster.ray_train import (TuneTrialRank, fatal_error_of, make_trainer, rank_config, run_rank,
+                                            workers_not_started)
 
 log = logging.getLogger("ctxseg.tune")
 
@@ -66,8 +72,63 @@ def scheduler(params: Params):
                          reduction_factor=t.reduction_factor)
 
 
+TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes reserved for the process of a trial that starts a TorchTrainer
+
+
+def trains_in_trial_process(params: Params) -> bool:
+    """A trial of one rank (``tune.workers_per_trial: 1``) trains in its own, reused process; several ranks
+    need a Ray Train worker group."""
+    return params.tune.workers_per_trial == 1
+
+
+def trial_resources(params: Params) -> dict:
+    """What Tune reserves for each trial's own process."""
+    t = params.tune
+    if trains_in_trial_process(params):  # the process is the worker
+        return {"cpu": t.cpus_per_worker, **({"gpu": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}
+    # it only waits on its TorchTrainer: no CPU (a small memory reservation keeps its bundle non-empty),
+    # so the workers get every CPU the sweep asks for
+    return {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+
+
+class TrialsCannotStart(common.StageFailed):
+    """No trial of a sweep could start for longer than a worker group may take to start."""
+
+
+def start_watchdog(params: Params):
+    """A Tune callback that ends the sweep when trials wait for resources while none runs, for longer
+    than a Ray Train worker group may take to start (``ray.worker_start_attempts`` ×
+    ``ray.worker_start_timeout_s``): Tune itself would wait forever. The error says what was short."""
+    import time
+
+    from ray import tune
+    from ray.tune.experiment import Trial
+
+    limit = params.ray.worker_start_attempts * params.ray.worker_start_timeout_s
+    per_trial = {k.upper(): v for k, v in trial_resources(params).items() if k != "memory"}
+
+    class StartWatchdog(tune.Callback):
+        def __init__(self):
+            self.waiting_since = None
+
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            if any(t.status == Trial.RUNNING for t in trials) or not any(t.status == Trial.PENDING for t in trials):
+                self.waiting_since = None
+                return
+            now = time.monotonic()
+            self.waiting_since = self.waiting_since or now
+            if now - self.waiting_since > limit:
+                raise TrialsCannotStart(
+                    f"Tune trials did not start: none could get its resources for {limit:g} s "
+                    f"(ray.worker_start_attempts x ray.worker_start_timeout_s): "
+                    f"{ray_env.explain_start_failure(1, per_trial)}")
+
+    return StartWatchdog()
+
+
 def run_trial(config: dict, *, context: dict) -> None:
-    """A Tune function trainable: builds the train stage's TorchTrainer for this trial and fits it.
+    """A Tune function trainable: trains this trial's config, in this process (one rank) or with the
+    train stage's TorchTrainer (several ranks).
 
     ``context``: plain data and Ray handles only (base params, sweep name, parent run id, the store
     actor, the dataset handle, the sweep's storage), so the trial runs on any node."""
@@ -102,10 +163,15 @@ def run_trial(config: dict, *, context: dict) -> None:
     # Logged on re-attach too: the interruption may have come between creating the run and its params.
     tracking.log_run_params(client, run_id, tp, sweep.model,
                             {"seed": tp.seed, **{f"tune.{k}": v for k, v in overrides.items()}})
-    trainer = make_trainer(tp, sweep.model, dataset=context["dataset"], store=context["store"], run_id=run_id,
-                           storage=f"{context['storage']}/trials", name=trial_id, callbacks=[TuneReportCallback()])
+    where = dict(dataset=context["dataset"], store=context["store"], run_id=run_id,
+                 storage=f"{context['storage']}/trials", name=trial_id)
+    trainer = None
     try:
-        trainer.fit()
+        if trains_in_trial_process(params):
+            run_rank(rank_config(tp, sweep.model, **where), TuneTrialRank(use_gpu=bool(tp.scaling.use_gpu)))
+        else:
+            trainer = make_trainer(tp, sweep.model, callbacks=[TuneReportCallback()], **where)
+            trainer.fit()
         fatal = fatal_error_of(context["store"], run_id, sweep.model)
         if fatal is not None:
             raise fatal
@@ -115,8 +181,8 @@ def run_trial(config: dict, *, context: dict) -> None:
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    # Ended by the scheduler (ASHA), the trial's process is stopped without reaching here: its run is
-    # closed by reconcile_children, from Tune's own status.
+    # Ended by the scheduler (ASHA), the trial stops at its next report without reaching here: its run
+    # is closed by reconcile_children, from Tune's own status.
     client.set_terminated(run_id, status="FINISHED")
 
 
@@ -189,5 +255,6 @@ def log_sweep_params(client, parent_id: str, params: Params, name: str) -> None:
     tracking.log_params(client, parent_id, flatten({"tune": settings, "sweep": t["sweeps"][name]}))
 
 
-__all__ = ["search_space", "searcher", "scheduler", "run_trial", "result_rows", "reconcile_children",
+__all__ = ["search_space", "searcher", "scheduler", "run_trial", "trial_resources", "trains_in_trial_process",
+           "start_watchdog", "TrialsCannotStart", "result_rows", "reconcile_children",
            "close_parent_run", "log_sweep_params"]

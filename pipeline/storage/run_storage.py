@@ -49,13 +49,20 @@ def newest_checkpoint(storage: str, ray_name: str, recorded) -> Optional[dict]:
         except Exception as err:
             log.warning("removing incomplete checkpoint %s (%s)", folder, err.__class__.__name__)
             _delete(fs, folder)
-    if recorded is not None:
-        try:
-            with recorded.as_directory() as local:
-                return load_training_checkpoint(Path(local))
-        except Exception as err:  # Ray's own record is left to Ray
-            log.warning("skipping incomplete checkpoint %s (%s)", recorded.path, err.__class__.__name__)
-    return None
+    return checkpoint_payload(recorded)
+
+
+def checkpoint_payload(recorded) -> Optional[dict]:
+    """The training state of a checkpoint Ray recorded (a ``ray.train`` / ``ray.tune`` ``Checkpoint``),
+    None when there is none or it cannot be read (Ray's own record is left to Ray)."""
+    if recorded is None:
+        return None
+    try:
+        with recorded.as_directory() as local:
+            return load_training_checkpoint(Path(local))
+    except Exception as err:
+        log.warning("skipping incomplete checkpoint %s (%s)", recorded.path, err.__class__.__name__)
+        return None
 
 
 def last_checkpoint_name(storage: str, ray_name: str) -> Optional[str]:
