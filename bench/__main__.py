@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import BENCH_DIR, load_info, markdown_table
 from ctxseg.io import write_text
 
-GROUPS = ["attention", "memory_update", "train_step", "pipeline", "cloud", "evaluation", "gpu", "data"]
+GROUPS = ["attention", "memory_update", "train_step", "pipeline", "ray_cpu", "study", "cloud", "evaluation", "gpu", "data"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -197,6 +197,37 @@ def _worker(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+def tune_trial_rows(proj: Path, noop_fit_s) -> List[dict]:
+    """A Tune trial's start + stop: two sweeps of the tune stage, 2 and 6 one-epoch trials run one at a time;
+    (wall - the trials' step seconds) grows by the cost of 4 trials from one to the other, which cancels
+    the stage's own fixed cost. Set beside a no-op TorchTrainer.fit (what every trial started and stopped
+    before trials trained in their own, reused process)."""
+    from bench.study import tune_step_seconds
+
+    base = yaml.safe_load((proj / "params.yaml").read_text())
+    outside = {}
+    for name, space in (("two", {"acf.heads": {"grid": [1, 2]}}),
+                        ("six", {"acf.heads": {"grid": [1, 2]}, "acf.mixtures": {"grid": [1, 2, 3]}})):
+        params = dict(base, models={**base["models"], "fcn_acf": {"context": "acf"}})
+        params["tune"] = {**base.get("tune", {}), "enabled": True, "epochs": 1, "scheduler": "fifo",
+                          "seed_repeats": False, "max_concurrent_trials": 1, "cpus_per_worker": 2,
+                          "sweeps": {name: {"model": "fcn_acf", "search": "grid", "space": space}}}
+        path = proj / f"params_tune_{name}.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        wall, _ = _sh([sys.executable, "-m", "pipeline.tune", "--params", str(path)], proj)
+        steps, trials = tune_step_seconds(proj, name)
+        outside[name] = (wall - steps, trials, wall)
+    per_trial = (outside["six"][0] - outside["two"][0]) / (outside["six"][1] - outside["two"][1])
+    rows = [{"measure": "Tune trial start + stop (1-epoch trials, one at a time; slope from 2 to 6 trials)",
+             "value": f"{per_trial:.1f} s",
+             "ratio": (f"{per_trial / noop_fit_s:.2f}x a no-op TorchTrainer.fit ({noop_fit_s:.1f} s, each trial's "
+                       "floor before)" if noop_fit_s else "")},
+            {"measure": "tune stage, 2 / 6 trials (whole process; outside steps)",
+             "value": f"{outside['two'][2]:.1f} / {outside['six'][2]:.1f} s",
+             "ratio": f"{outside['two'][0]:.1f} / {outside['six'][0]:.1f} s outside the trials' steps"}]
+    return rows
+
+
 def run(opts) -> dict:
     quick = opts.quick
     work_s = opts.work_s if not quick else 10.0
@@ -284,6 +315,7 @@ def run(opts) -> dict:
                          "value": f"{rf['import_s']:.1f} / {rf['ray_init_s']:.1f} / {rf['noop_fit_s']:.1f} / "
                                   f"{rf['shutdown_s']:.1f} s",
                          "ratio": f"{100 * (rf['ray_init_s'] + rf['noop_fit_s']) / plain_wall:.0f}% of the plain run"})
+        rows += tune_trial_rows(proj, rf.get("noop_fit_s"))
         ml = run_worker(MODULE, {"job": "mlflow", "tracking_uri": f"sqlite:///{base / 'mlflow_bench.db'}",
                                  "n": 12 if quick else 40, "root": str(proj)})
         step_s = plain2["step_s"]

@@ -371,8 +371,10 @@ def fit(model: torch.nn.Module, train_loader, val_loader, optimizer: torch.optim
             metrics: dict[str, Any] = {"epoch": state.epoch, "iteration": state.iteration}
             metrics.update({f"train_{k}": v for k, v in summary.items()})
             if state.epoch % cfg.val_every == 0 or state.epoch == cfg.epochs:
+                started = time.perf_counter()
                 val = validate(model, val_loader, num_classes, device=device)
-                metrics.update({"val_mIoU": val["mIoU"], "val_pixAcc": val["pixAcc"], "val_mAcc": val["mAcc"]})
+                metrics.update({"val_mIoU": val["mIoU"], "val_pixAcc": val["pixAcc"], "val_mAcc": val["mAcc"],
+                                "val_seconds": time.perf_counter() - started})
             metrics.update(replicated_spread(model))
             metrics.update(epoch_metrics or {})
             state.history.append(metrics)

@@ -31,8 +31,11 @@ UPLOAD_EXCLUDES = [
 # Ray Train V2 hands every ray.train.report to its controller through a one-slot queue polled every
 # health-check interval (default 2 s): each epoch's report waited ~1.8 s. 0.2 s measured 0.18 s.
 JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_V2_ENABLED": "1"}
-# A local machine is never preempted: no PreemptionWatcher actor (one process fewer at start-up).
-LOCAL_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# A local machine is never preempted: no PreemptionWatcher actor (one process fewer at start-up); and
+# nobody scrapes a local instance's Prometheus metrics: Ray Train's metrics callbacks off.
+LOCAL_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# ... nor Ray's own: its processes stop collecting and exporting them (CPU taken from the steps, #26)
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
 def runtime_env(root: Path, local: bool, address: Optional[str] = None, start_timeout_s: float = 120) -> dict:
@@ -133,9 +136,9 @@ def init_ray(params: Params, root: Path, num_cpus: Optional[int] = None) -> str:
     address = f"{LOOPBACK}:{_free_loopback_port()}"
     cpus = num_cpus or os.cpu_count()
     with _loopback_only(), scoped_environ({"RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1]}):
-        # The dashboard stays on: Ray Train V2 polls the state API it serves.
+        # The dashboard stays on: Ray Train V2's placement group cleaner polls the state API it serves.
         ray.init(address="local", num_cpus=cpus, log_to_driver=True, _node_ip_address=LOOPBACK,
-                 dashboard_host=LOOPBACK, include_dashboard=True,
+                 dashboard_host=LOOPBACK, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env=runtime_env(root, local=True, address=address, start_timeout_s=timeout))
     os.environ["RAY_ADDRESS"] = address
     record_local_ray(record)
