@@ -31,9 +31,11 @@ KINDS = [  # (kind, pattern in the command line Ray sets with setproctitle), fir
     ("runtime env agent", r"ray::RuntimeEnvAgent|runtime_env/agent"),
     ("idle Ray workers", r"ray::IDLE"),
     ("other actors", r"^ray::"),
-    ("GCS server", r"(^|/)gcs_server( |$)"),
-    ("raylet", r"(^|/)raylet( |$)"),
+    ("GCS server", r"^\S*gcs_server( |$)"),  # the executable itself: the raylet's arguments name the agents
+    ("raylet", r"^\S*/raylet( |$)"),
     ("dashboard", r"dashboard/dashboard\.py"),
+    ("dashboard's head modules", r"^ray-dashboard-"),
+    ("autoscaler monitor", r"autoscaler/_private/monitor"),
     ("log monitor", r"log_monitor\.py"),
     ("Ray worker starting", r"default_worker\.py"),
     ("stage driver (python -m pipeline.train)", r"pipeline\.train"),
@@ -41,7 +43,8 @@ KINDS = [  # (kind, pattern in the command line Ray sets with setproctitle), fir
 
 
 def _kind(cmdline: str) -> str:
-    for kind, pattern in KINDS:
+    ordered = sorted(KINDS, key=lambda k: k[0] not in ("GCS server", "raylet"))  # services first
+    for kind, pattern in ordered:
         if re.search(pattern, cmdline):
             return kind
     return "other"
