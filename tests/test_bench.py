@@ -38,7 +38,7 @@ def test_attention_worker_and_helpers():
     from bench import markdown_table, run_worker
     from bench.attention import _predict
 
-    spec = {"kind": "acf", "impl": "explicit", "size": 8, "batch": 1, "iters": 2}
+    spec = {"kind": "acf", "impl": "authors", "size": 8, "batch": 1, "iters": 2}
     timed = run_worker("bench.attention", dict(spec, mode="time"))
     assert "error" not in timed, timed
     assert len(timed["times"]) == 2 and "peak_bytes" not in timed
@@ -49,6 +49,23 @@ def test_attention_worker_and_helpers():
     pts = {s: 3 * (s * s) ** 2 + 5 * s * s for s in (16, 32)}
     assert abs(_predict(pts, 64) - (3 * 4096 ** 2 + 5 * 4096)) < 1e-3 * 3 * 4096 ** 2
     assert "| a |" in markdown_table([{"a": 1.0}])
+
+
+def test_the_authors_acf_restated_in_the_bench_computes_our_module():
+    """bench/attention.py's restatement of the authors' ACFModule (Φ of a separately pooled map, one
+    softmax per mixture) gives our ACF's output and input gradient on the same weights."""
+    import torch
+
+    from bench.attention import authors_acf
+    from ctxseg.models.acf import ACF
+
+    mod = ACF(32, heads=4, mixtures=2, dropout=0.0).double().train()
+    x = torch.randn(2, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    ours = mod(x)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    theirs = authors_acf(mod, x)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    assert torch.allclose(ours, theirs, atol=1e-10) and torch.allclose(grad_ours, grad_theirs, atol=1e-9)
 
 
 def test_gpu_group_code_runs_on_the_cpu_with_bf16_autocast():

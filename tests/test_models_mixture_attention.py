@@ -28,6 +28,12 @@ def _inputs(g=3, nk=2, n=23, m=7, d=4, dv=6, dtype=torch.float64):
     return q, k, v, prior
 
 
+@pytest.fixture(autouse=True)
+def blocked_kernel(monkeypatch):
+    """Every test here runs the row-blocked kernel, however small its inputs (but the stored form's own)."""
+    monkeypatch.setattr(mix_mod, "STORED_MAX_ELEMENTS", 0)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 5 rows, so 23 rows give 4 full blocks and a ragged one."""
@@ -93,6 +99,25 @@ def test_nothing_quadratic_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         mixture_attention(q, k, v, prior, scale=1.0, dropout_p=0.1)
     assert saved and max(saved) < 64 * 48  # q, k, v, priors, log-sum-exp: linear in N and M
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_small_problems_store_their_probabilities_with_the_same_result(monkeypatch, dropout_p):
+    """Below STORED_MAX_ELEMENTS the probabilities are kept for backward (autograd): the same values and
+    gradients as the reference, for the same dropout mask."""
+    monkeypatch.setattr(mix_mod, "STORED_MAX_ELEMENTS", 3 * 2 * 23 * 7)
+    q, k, v, prior = _inputs()
+    grad_out = torch.randn(3, 23, 6, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        torch.manual_seed(3)
+        ours = _grads(lambda *t: mixture_attention(*t, scale=0.7, dropout_p=dropout_p), (q, k, v, prior), grad_out)
+    assert max(saved) >= 3 * 2 * 23 * 7, "stored, not recomputed"
+    torch.manual_seed(3)
+    mask = torch.nn.functional.dropout(torch.ones(3, 23, 7, dtype=torch.float64), dropout_p)
+    ref = _grads(lambda *t: reference(*t, scale=0.7, mask=mask if dropout_p else None), (q, k, v, prior), grad_out)
+    for name, a, b in zip(["out", "q", "k", "v", "prior"], ours, ref):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10), name
 
 
 def test_acf_uses_the_kernel_in_training_with_the_same_result():

@@ -9,6 +9,8 @@ For an input X with C channels, H heads and K mixtures (C/H channels per head, d
   the code's ``dffn`` transform, the paper's atrous Φ (§4.2): 3x3 conv, dilation 4 -> BN -> ReLU -> 1x1.
   The co-occurrent side is Φ of the 3x3 / stride 2 average-pooled X.
 * Ψ (value transform): a plain 1x1 convolution of the pooled X to C channels (C/H per head).
+  (With the 1x1 Φ, Φ of the pooled X is computed as the pooled Φ_t(X): the same numbers, one
+  convolution fewer; see :meth:`ACF.components`.)
 * s^k_ij = Φ_t(x_i)^k · Φ_c(x_j)^k / sqrt(d_k): mixture k of a head sees C/H of the head's d_k channels;
   the temperature is sqrt(d_k) of the head (``scale="none"`` drops it).
 * Mixture of softmaxes (Eq 2): P(j | i) = Σ_k π_k softmax_j(s^k_ij), with the contextual prior
@@ -162,7 +164,11 @@ class ACF(nn.Module):
         hh, kk, d = self.heads, self.mixtures, self.value_dim
         target = self.phi(x)  # Φ_t(x): [B, H d_k, h, w]
         pooled = self.pool(x)  # 3x3 avg-pool, stride 2 (before Φ_c and Ψ)
-        cooc = self.phi(pooled)  # Φ_c, shared weights
+        # Φ_c = Φ_t (shared weights) of the pooled map. A 1x1 Φ commutes with the average pool (both
+        # are linear and the pool's weights sum to 1, at the borders too: count_include_pad=False), so
+        # Φ(pool x) = pool(Φ(x)) exactly: pooling the target map saves a convolution. The atrous Φ
+        # (BN, ReLU) does not commute and is applied to the pooled map, as in the authors' code.
+        cooc = self.pool(target) if isinstance(self.phi, nn.Conv2d) else self.phi(pooled)
         value = self.psi(pooled)
         m = pooled.shape[-2] * pooled.shape[-1]
         q = target.view(b, hh, kk, d, h * w).transpose(-1, -2)

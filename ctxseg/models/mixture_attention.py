@@ -19,6 +19,11 @@ Dropout (on P, as in the reference implementation) draws each block's mask from 
 from the global RNG at the forward call, and the backward pass redraws the same mask: the gradient is
 exact for the mask used, and nothing is stored for it.
 
+Small problems (at most :data:`STORED_MAX_ELEMENTS` score elements G x K x N x M, e.g. the 16^2-32^2
+feature maps of the default study) keep their probabilities for backward instead, through autograd, as
+the reference code does: there, recomputing them block by block costs more time than storing them
+costs memory. The maths (and where dropout applies: on P) is the same.
+
 Gradients, for one block (dP = dropout_mask * (dz v^T), D_k = rowsum(P_k * dP)):
 
     dv   += dropout(P)^T dz
@@ -33,11 +38,14 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mixture_attention", "BLOCK_BYTES"]
+__all__ = ["mixture_attention", "BLOCK_BYTES", "STORED_MAX_ELEMENTS"]
 
 # bytes of one block's K score matrices (G x K x rows x M floats); a few such buffers are alive at
 # once. 16 MiB measured fastest at 96^2 and 128^2 (d_model 512, H 4, K 2) among 2 to 64 MiB.
 BLOCK_BYTES = 16 << 20
+# Up to this many score elements (G x K x N x M; 16 MiB in fp32) the probabilities are stored for
+# backward rather than recomputed (bench/attention.py: the stored form is faster at 16^2 and 32^2).
+STORED_MAX_ELEMENTS = 1 << 22
 
 
 def _block_rows(g: int, nk: int, m: int, n: int, element_size: int) -> int:
@@ -150,5 +158,24 @@ def mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: 
                       scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """sum_k prior_k softmax(scale q_k k_k^T), dropout, times v.
 
-    q: [G, K, N, d], k: [G, K, M, d], v: [G, M, dv], prior: [G, K] -> [G, N, dv]."""
+    q: [G, K, N, d], k: [G, K, M, d], v: [G, M, dv], prior: [G, K] -> [G, N, dv]. Row-blocked with
+    recomputation (:class:`_MixtureAttention`) above :data:`STORED_MAX_ELEMENTS` score elements, else
+    :func:`_stored_mixture_attention`."""
+    g, nk, n, _ = q.shape
+    if g * nk * n * k.shape[2] <= STORED_MAX_ELEMENTS:
+        return _stored_mixture_attention(q, k, v, prior, float(scale), float(dropout_p))
     return _MixtureAttention.apply(q, k, v, prior, float(scale), float(dropout_p))
+
+
+def _stored_mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prior: torch.Tensor,
+                              scale: float, dropout_p: float) -> torch.Tensor:
+    """The same maths through autograd, every [G, K, N, M] matrix kept for backward (small problems):
+    the K softmaxes in one batched product, the mixture as one [G, 1, K] x [G, K, N M] product,
+    dropout on P, one value product per head."""
+    g, nk, n, _ = q.shape
+    m = k.shape[2]
+    probs = torch.softmax(torch.matmul(q * scale, k.transpose(-1, -2)), dim=-1)  # P_k, [G, K, N, M]
+    mixed = torch.bmm(prior.unsqueeze(1), probs.reshape(g, nk, n * m)).view(g, n, m)  # P = sum_k pi_k P_k
+    if dropout_p > 0:
+        mixed = torch.nn.functional.dropout(mixed, dropout_p)
+    return torch.bmm(mixed, v)
