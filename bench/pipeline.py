@@ -236,7 +236,8 @@ def run(opts) -> dict:
     targets: List[dict] = []
     data = ({"synthetic": {"num_train": 16, "num_val": 4, "image_size": 96, "min_cue_distance": 32},
              "augment": {"crop_size": [96, 96]}} if quick else {})
-    overrides = {"data": data,
+    overrides = {"seeds": [0],  # one training per stage: the Ray stage and the plain process do the same work
+                 "data": data,
                  "train": {"epochs": 1, "batch_size": 4 if quick else 8},
                  "scaling": {"num_workers": 1},
                  "evaluate": {"scales": [0.75, 1.0], "num_visualisations": 1}}

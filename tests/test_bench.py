@@ -68,6 +68,26 @@ def test_the_authors_acf_restated_in_the_bench_computes_our_module():
     assert torch.allclose(ours, theirs, atol=1e-10) and torch.allclose(grad_ours, grad_theirs, atol=1e-9)
 
 
+def test_the_authors_dca_restated_in_the_bench_computes_our_module():
+    """bench/attention.py's authors' form of DCA (C' formed per pixel, g_k / g_v over it, the N x N matrix
+    stored) gives our DCA's output and gradients on the same weights."""
+    import torch
+
+    from bench.attention import authors_dca
+    from ctxseg.models.dca import DCA
+
+    mod = DCA(16).double().train()
+    feats = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    w_logits = torch.randn(2, 5, 5, 7, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(5, 16, dtype=torch.float64)
+    results = []
+    for fn in (lambda: mod(feats, w_logits, memory), lambda: authors_dca(mod, feats, w_logits, memory)):
+        out = fn()
+        results.append([out, *torch.autograd.grad((out * out).sum(), (feats, w_logits))])
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, atol=1e-10)
+
+
 def test_gpu_group_code_runs_on_the_cpu_with_bf16_autocast():
     """The GPU group has no CUDA here: run its measurement body on the CPU at tiny sizes, so a change in
     the model or DCA signatures, or an AMP failure (non-finite loss, dtype mismatch), breaks this test

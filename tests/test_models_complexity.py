@@ -25,11 +25,12 @@ def test_dca_attention_flops_are_counted():
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         dca(torch.randn(1, 8, 6, 6), torch.randn(1, 3, 6, 6), torch.randn(3, 8))
-    n, t = 36, 4
+    n, t, k, c = 36, 4, 3, 8
     attention = 2 * 2 * n * n * t  # q k^T and P v
-    convs = 2 * n * (8 * t + t * t) * 2 + 2 * n * 8 * t + 2 * n * t * 8  # g_q, g_k, g_v, g_o
-    gather = 2 * n * 3 * 8  # Eq 12
-    assert counter.get_total_flops() == attention + convs + gather
+    convs = 2 * n * (c * t + t * t) + 2 * n * t * t + 2 * n * t * c  # g_q (two convs), g_k's second conv, g_o
+    # g_k's first conv and g_v on C' = W^T M (Eq 12): the K memory rows projected, then mixed per pixel
+    context = 2 * (2 * k * c * t) + 2 * (2 * n * k * t)
+    assert counter.get_total_flops() == attention + convs + context
 
 
 def test_table_on_cpu_and_meta_agree_and_cli_writes_json(tmp_path):

@@ -19,9 +19,11 @@ Two counting conventions, side by side:
   ``(flops - matrix-product FLOPs) / 2``; the matrix products (:data:`MATRIX_PRODUCT_OPS`, per-op counts
   from FlopCounterMode) are left out. The paper's "FLOPs (G)" are multiply-adds: ctxseg's PPM row is
   618.6 GFLOPs = 309.3 GMACs against the paper's 309.45 G (params 23.07 M both). For DCA the paper also
-  leaves out the matrix products: 248.2 GMACs of layers here against its 242.80 G, while with the two
-  N x N attention products (N = 128^2) DCA costs 386.9 GMACs -- consistent with a counter that sees
-  only conv / linear layers.
+  leaves out the matrix products: 243.9 GMACs of layers here against its 242.80 G, while with the two
+  N x N attention products (N = 128^2) DCA costs 382.7 GMACs -- consistent with a counter that sees
+  only conv / linear layers. (ctxseg's DCA applies g_k's and g_v's first 1x1 conv to the K memory rows
+  instead of every pixel's C' = W^T M, the same numbers: 4.3 GMACs of convolution replaced by two small
+  matrix products, so its layer count is 4.3 G below the 248.2 G of convolving C'.)
 
 ASPP differs by design, not by convention: the paper's implementation fuses the five branches with a 3x3
 conv (as mmseg's ASPPHead), ctxseg with DeepLabV3's 1x1 projection, 2560 x 512 x 8 = 10.49 M params and

@@ -6,7 +6,10 @@
 * Eq 14: C_bi <- g_o(C_bi)
 
 Eq 13 is computed with ``torch.nn.functional.scaled_dot_product_attention`` so the HW x HW
-similarity matrix is never stored (the reference code materialises it).
+similarity matrix is never stored (the reference code materialises it). The first layers of g_k and
+g_v (1x1 convolution, BN, ReLU) meet C' = W^T M through their convolution, which is linear: it is
+applied to the K memory rows and the result mixed by W, the same numbers as convolving every pixel's
+C' (K x C x C/2 multiply-adds instead of HW x C x C/2 for each; :meth:`DCA.context_projection`).
 """
 
 from __future__ import annotations
@@ -64,12 +67,29 @@ class DCA(nn.Module):
         return torch.einsum("bkhw,kc->bchw", weights, memory)  # C', Eq 12
 
     def project(self, feats: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g_q(R), g_k(C'), g_v(C') as tokens, from a formed C' (the direct reading of Eq 13)."""
         return _tokens(self.query(feats)), _tokens(self.key(ctx)), _tokens(self.value(ctx))
+
+    @staticmethod
+    def context_projection(layer: nn.Sequential, weights: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """``layer`` (a 1x1 ConvBNReLU) of C' = W^T M without forming C' (Eq 12): the convolution is
+        linear, so conv(sum_k w_k m_k) = sum_k w_k conv(m_k) (no bias; W sums to 1 over k in any case):
+        the K memory rows are projected once and mixed per pixel, then BN and ReLU as usual."""
+        conv = layer[0]
+        rows = memory @ conv.weight.flatten(1).t()  # [K, C/2]
+        if conv.bias is not None:
+            rows = rows + conv.bias
+        out = torch.einsum("bkhw,kc->bchw", weights, rows)
+        for module in list(layer)[1:]:
+            out = module(out)
+        return out
 
     def forward(self, feats: torch.Tensor, w_logits: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feats.shape
-        ctx = self.gather(w_logits, memory)
-        q, k, v = self.project(feats, ctx)
+        weights = torch.softmax(w_logits, dim=1)  # W, Eq 11
+        key = self.key[1](self.context_projection(self.key[0], weights, memory))  # g_k(C'), Eq 12-13
+        value = self.context_projection(self.value, weights, memory)  # g_v(C')
+        q, k, v = _tokens(self.query(feats)), _tokens(key), _tokens(value)
         att = flat_attention(q, k, v, self.scale)  # Eq 13
         att = att.squeeze(1).transpose(1, 2).reshape(b, self.transform_channels, h, w)
         return self.out(att)  # Eq 14
