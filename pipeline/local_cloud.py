@@ -372,6 +372,9 @@ def main() -> int:
     if problem:
         log.error("cannot start the local cloud: %s", problem)
         return 2
+    # A parent may hand down SIGINT / SIGTERM blocked (a test runner, after a library blocked them in its
+    # main thread): the servers started below and this process's wait need them delivered.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     cloud = LocalCloud()
     with cloud:
         params = cloud.params()
@@ -385,13 +388,16 @@ def main() -> int:
                  params["ray"]["storage_path"], params["ray"]["data_path"], params["mlflow"]["tracking_uri"])
         log.info("\n# 3. a DVC remote on the bucket:\ndvc remote add -d bucket s3://%s/study/dvc\n"
                  "dvc remote modify --local bucket endpointurl %s", cloud.s3.bucket, cloud.s3.url)
-        # wait for Ctrl-C / SIGTERM with the signals blocked and taken synchronously: no Python handler
-        # runs in the middle of the wait, so none can race it (the servers, started above, keep the
-        # default signal mask)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # Ctrl-C / SIGTERM: the handler only records the signal (no lock to deadlock on, unlike an Event's
+        # set()); Python runs it in this thread whichever thread the kernel delivered the signal to, and
+        # installing it also undoes a SIG_IGN inherited from a background shell
+        received: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: received.append(signum))
         log.info("\nCtrl-C stops every server (the bucket and the database are thrown away).")
-        received = signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        log.info("%s: stopping the servers", signal.Signals(received).name)
+        while not received:
+            time.sleep(0.2)
+        log.info("%s: stopping the servers", signal.Signals(received[0]).name)
     return 0
 
 

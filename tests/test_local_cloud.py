@@ -1,5 +1,5 @@
 """``make local-cloud`` (``python -m pipeline.local_cloud``): the three servers answer at what it prints,
-and Ctrl-C stops every one of them."""
+and Ctrl-C stops every one of them, whatever signal state its parent handed down."""
 from __future__ import annotations
 
 import re
@@ -26,8 +26,14 @@ def test_local_cloud_prints_working_settings_and_stops_on_ctrl_c():
     problem = postgres_problem()
     if problem:
         pytest.skip(problem)
+    def hostile_inheritance() -> None:
+        """What a parent may hand down (CI's hang): SIGINT ignored, SIGINT and SIGTERM blocked."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.local_cloud"], env=pipeline_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=hostile_inheritance)
     lines = []
     try:
         deadline = time.time() + 120
