@@ -23,16 +23,18 @@ from pathlib import Path
 
 from pipeline.scratch import make_project, pipeline_env
 
+WORKER = "training worker (RayTrainWorker)"
 KINDS = [  # (kind, pattern in the command line Ray sets with setproctitle), first match wins
-    ("training worker (RayTrainWorker)", r"ray::RayTrainWorker|ray::_RayTrainWorker"),
+    # the services by their executable first: the raylet's arguments name the agents
+    ("GCS server", r"^\S*gcs_server( |$)"),
+    ("raylet", r"^\S*/raylet( |$)"),
+    (WORKER, r"ray::RayTrainWorker|ray::_RayTrainWorker"),
     ("Train controller", r"ray::TrainController"),
     ("MLflow store actor", r"ray::StoreActor"),
     ("dashboard agent", r"ray::DashboardAgent|dashboard/agent\.py"),
     ("runtime env agent", r"ray::RuntimeEnvAgent|runtime_env/agent"),
     ("idle Ray workers", r"ray::IDLE"),
     ("other actors", r"^ray::"),
-    ("GCS server", r"^\S*gcs_server( |$)"),  # the executable itself: the raylet's arguments name the agents
-    ("raylet", r"^\S*/raylet( |$)"),
     ("dashboard", r"dashboard/dashboard\.py"),
     ("dashboard's head modules", r"^ray-dashboard-"),
     ("autoscaler monitor", r"autoscaler/_private/monitor"),
@@ -43,8 +45,7 @@ KINDS = [  # (kind, pattern in the command line Ray sets with setproctitle), fir
 
 
 def _kind(cmdline: str) -> str:
-    ordered = sorted(KINDS, key=lambda k: k[0] not in ("GCS server", "raylet"))  # services first
-    for kind, pattern in ordered:
+    for kind, pattern in KINDS:
         if re.search(pattern, cmdline):
             return kind
     return "other"
@@ -116,11 +117,11 @@ def run(opts) -> dict:
         before = [cpu for t, cpu in points if t < start]
         if inside:
             per_kind[kind] += inside[-1] - (before[-1] if before else inside[0])
-    worker = per_kind.get(KINDS[0][0], 0.0)
+    worker = per_kind.get(WORKER, 0.0)
     rows = [{"process": kind, "cpu_s": round(cpu, 2), "of wall %": round(100 * cpu / wall, 1),
              "vs worker %": round(100 * cpu / worker, 1) if worker else None}
             for kind, cpu in sorted(per_kind.items(), key=lambda kv: -kv[1])]
-    others = sum(cpu for kind, cpu in per_kind.items() if kind != KINDS[0][0])
+    others = sum(cpu for kind, cpu in per_kind.items() if kind != WORKER)
     rows.append({"process": "everything but the worker", "cpu_s": round(others, 2),
                  "of wall %": round(100 * others / wall, 1), "vs worker %": round(100 * others / worker, 1) if worker else None})
     return {"rows": rows, "targets": [], "window_s": wall, "epochs_in_window": len(done_epochs) - 1,

@@ -1,9 +1,9 @@
 """DVC stage ``tune``: Ray Tune sweeps over CFNet's K × H and MCIBI's m0, α, β (``tune.sweeps``).
 
 Each trial runs the train stage's own rank code (:mod:`pipeline.ray_cluster.tune_trial`): in the trial's
-process, reused from trial to trial, when it has one rank; as a Ray Train run (DDP) when it has several. Each sweep is one MLflow parent run; each trial a child
-run (tag ``mlflow.parentRunId``) with the train stage's params and metric names, so sweeps and training
-runs line up in the comparison UI.
+process, reused from trial to trial, when it has one rank; as a Ray Train run (DDP) when it has several.
+Each sweep is one MLflow parent run; each trial a child run (tag ``mlflow.parentRunId``) with the train
+stage's params and metric names, so sweeps and training runs line up in the comparison UI.
 
 Resume: a sweep directory is tied to a fingerprint of its config. Re-running after an interruption
 restores the Tuner (``Tuner.restore``, errored trials re-run) and each trial re-attaches to its own
@@ -48,6 +48,7 @@ from pipeline.ray_cluster.tune_trial import (REPEAT_KEY, close_parent_run, log_s
                                             start_watchdog, trains_in_trial_process, trial_resources)
 
 log = logging.getLogger("ctxseg.tune")
+
 
 def sweep_fingerprint(params: Params, name: str) -> str:
     plain = params_to_dict(params)

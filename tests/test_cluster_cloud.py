@@ -16,7 +16,6 @@ import json
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 

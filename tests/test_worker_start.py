@@ -8,7 +8,6 @@ started with the job settings a stage uses and a short worker start timeout.
 from __future__ import annotations
 
 import copy
-import csv
 import threading
 from pathlib import Path
 

@@ -47,7 +47,6 @@ class RankSession:
     size) and :class:`TuneTrialRank` (a single-rank Tune trial that trains in its own process)."""
 
     rank, world = 0, 1
-    scans_storage = False  # True: restart from the newest complete checkpoint folder of the run's storage
     report_returns = True  # False: the report may end the rank (a Tune scheduler stopping the trial there)
 
     @property
@@ -57,8 +56,8 @@ class RankSession:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
-    def recorded_checkpoint(self):
-        """The library's own record of the newest persisted checkpoint (a ``Checkpoint``) or None."""
+    def restore_payload(self, config: dict) -> Optional[dict]:
+        """The training state the rank starts from (None: a fresh run)."""
         raise NotImplementedError
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
@@ -68,8 +67,6 @@ class RankSession:
 
 class RayTrainRank(RankSession):
     """A rank of a Ray Train worker group (DDP when ``world`` > 1)."""
-
-    scans_storage = True
 
     def __init__(self):
         import ray.train
@@ -88,10 +85,12 @@ class RayTrainRank(RankSession):
 
         return ray.train.torch.prepare_model(model)
 
-    def recorded_checkpoint(self):
+    def restore_payload(self, config: dict) -> Optional[dict]:
+        """The newest complete checkpoint of the run's storage *now* (newer than Ray's record when a
+        driver stopped between writing one and recording it), else Ray's record."""
         import ray.train
 
-        return ray.train.get_checkpoint()
+        return newest_checkpoint(config["storage"], config["ray_name"], ray.train.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
         import ray.train
@@ -114,10 +113,10 @@ class TuneTrialRank(RankSession):
     def device(self) -> torch.device:
         return torch.device("cuda:0" if self.use_gpu and torch.cuda.is_available() else "cpu")
 
-    def recorded_checkpoint(self):
+    def restore_payload(self, config: dict) -> Optional[dict]:
         from ray import tune
 
-        return tune.get_checkpoint()
+        return checkpoint_payload(tune.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], dir_name: str) -> None:
         from ray import tune
@@ -169,9 +168,7 @@ def run_rank(config: dict, session: RankSession) -> None:
     amp_dtype = None if params.train.amp == "off" or device.type != "cuda" else (
         torch.bfloat16 if params.train.amp == "bf16" else torch.float16)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    recorded = session.recorded_checkpoint()
-    payload = (newest_checkpoint(config["storage"], config["ray_name"], recorded) if session.scans_storage
-               else checkpoint_payload(recorded))
+    payload = session.restore_payload(config)
     state = restore_from_payload(payload, model, optimizer, scaler) if payload is not None else None
     if state is not None and rank == 0:
         log.info("[%s] resumed from checkpoint at epoch %d, iteration %d", name, state.epoch, state.iteration)

@@ -3,7 +3,7 @@ ASHA scheduler, the trial results read back as plain rows (:mod:`ctxseg.sweep`),
 parent run.
 
 A trial runs the train stage's own rank code (:func:`pipeline.ray_cluster.ray_train.run_rank`). With one
-rank (``scaling.num_workers: 1``) it trains in the trial's own process, which Tune reuses for the next
+rank (``tune.workers_per_trial: 1``) it trains in the trial's own process, which Tune reuses for the next
 trial (no Ray Train controller and worker to start and stop per trial: bench/RESULTS.md); with several
 ranks the trial fits a Ray Train ``TorchTrainer`` (DDP), the train stage's trainer.
 
