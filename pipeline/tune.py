@@ -65,18 +65,39 @@ def sweep_storage(params: Params, paths: common.Paths, name: str) -> str:
     return str(paths.tune / "ray" / name)
 
 
-def _fit(tuner_name: str, storage: str, resumable: bool, trainable, make_tuner):
-    """Restore the named Tuner if the sweep is resumable and it exists, else build it; fit it.
+def restorable(path: str, fs) -> bool:
+    """Whether Tune wrote an experiment snapshot (``experiment_state-*.json``) at ``path``.
 
-    Tune's own Ctrl-C handler ends ``fit()`` *normally*, which would record a cut-short sweep as done;
-    it is turned off for this call only, so Ctrl-C raises KeyboardInterrupt and the sweep stays
-    resumable from Tune's periodic experiment snapshot."""
+    ``Tuner.can_restore`` only looks for ``tuner.pkl``, which Tune writes when the Tuner is built,
+    before any snapshot, and which does not hold the param space. A sweep interrupted in that window
+    would "restore" to trials with an empty config; it is started afresh instead."""
+    import pyarrow.fs as pafs
+    from ray.tune.execution.tune_controller import TuneController
+
+    snapshot_prefix = TuneController.CKPT_FILE_TMPL.split("{}")[0]  # "experiment_state-"
+    fs = fs or pafs.LocalFileSystem()
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return False
+    names = {info.base_name for info in listing}
+    return "tuner.pkl" in names and any(n.startswith(snapshot_prefix) for n in names)
+
+
+def _fit(tuner_name: str, storage: str, resumable: bool, trainable, space: dict, make_tuner):
+    """Restore the named Tuner if the sweep is resumable and Tune snapshotted it, else build it; fit it.
+
+    The restore re-specifies ``space`` (Tune does not keep it). Tune's own Ctrl-C handler ends
+    ``fit()`` *normally*, which would record a cut-short sweep as done; it is turned off for this call
+    only, so Ctrl-C raises KeyboardInterrupt and the sweep stays resumable from Tune's periodic
+    experiment snapshot."""
     from ray import tune
 
     path, fs = ray_storage(f"{storage}/{tuner_name}")
     with ray_env.scoped_environ({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
-        if resumable and tune.Tuner.can_restore(path, storage_filesystem=fs):
-            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs).fit()
+        if resumable and restorable(path, fs):
+            return tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_errored=True,
+                                      storage_filesystem=fs).fit()
         return make_tuner().fit()
 
 
@@ -125,15 +146,16 @@ def run_sweep(params: Params, name: str, paths: common.Paths, store, client, dat
             failure_config=tune.FailureConfig(max_failures=params.train.max_failures)))
 
     try:
-        rows = result_rows(_fit("tuner", storage, resumable, trainable, lambda: tuner(
-            search_space(sweep), searcher(sweep, t.seed, metric, t.max_concurrent_trials), scheduler(params),
+        space = search_space(sweep)
+        rows = result_rows(_fit("tuner", storage, resumable, trainable, space, lambda: tuner(
+            space, searcher(sweep, t.seed, metric, t.max_concurrent_trials), scheduler(params),
             "tuner", sweep.num_samples)), params, sweep, name)
         targets = sweeps.repeat_targets(rows) if t.seed_repeats else []
         if targets:  # the best and the worst again, another seed, same epochs, never stopped early
             space = {REPEAT_KEY: tune.grid_search([
                 {"overrides": {k: r[k] for k in sweep.space}, "epochs": r["epochs"],
                  "seed": params.seed + sweeps.REPEAT_SEED_OFFSET, "of": r["trial_id"]} for r in targets])}
-            rows += result_rows(_fit("repeats", storage, resumable, trainable,
+            rows += result_rows(_fit("repeats", storage, resumable, trainable, space,
                                      lambda: tuner(space, None, None, "repeats", 1)), params, sweep, name)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, status="KILLED")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import signal
 import subprocess
 import time
@@ -36,7 +37,8 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     state = project / "tune" / "ray" / "kxh" / "tuner"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if any(p.read_text().count("\n") >= 1 for p in state.glob("*/result.json")):
+        # a report's checkpoint is written to the storage at once (result.json only at Tune's next sync)
+        if any(state.glob("*/checkpoint_*")):
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -44,6 +46,11 @@ def test_sweep_interrupted_then_resumed_asha_mlflow_best_yaml(tmp_path, tiny_ove
     proc.wait(timeout=180)
     log_file.close()
     assert not (project / "tune" / "results.csv").exists()
+    assert not (state.parent / "repeats").exists(), "interrupted in the grid, not after it"
+    # as if the interrupt had come just as the seed-repeat Tuner was built: Tune wrote its tuner.pkl
+    # (which has no param space) but no experiment snapshot; the resume must start it afresh
+    (state.parent / "repeats").mkdir()
+    shutil.copy(state / "tuner.pkl", state.parent / "repeats" / "tuner.pkl")
 
     # 2. re-run: the sweep resumes
     second = run(["python", "-m", "pipeline.tune"], project)
