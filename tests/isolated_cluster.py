@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+START_ATTEMPTS = 2  # per worker node
 
 
 def unshare_problem() -> Optional[str]:
@@ -87,16 +88,35 @@ class IsolatedCluster:
              "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.base / 'head'}",
              *_node_ports(0)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        self._wait_for_nodes(timeout, 1)
         for i in range(self.workers):  # one at a time: a node starting under load can time out
-            self.worker_procs.append(self._start_worker(i, env))
-            self.procs.append(self.worker_procs[-1])
-            self._wait_for_nodes(timeout, i + 2)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                proc = self._start_worker(i, env)
+                self.procs.append(proc)
+                if self._wait_for_nodes(timeout, i + 2, proc, final=attempt == START_ATTEMPTS):
+                    self.worker_procs.append(proc)
+                    break
+                # Ray's `ray start` gives up when its raylet has not registered within 30 s (hard-coded
+                # in ray._private.node), which a loaded 2-core machine can exceed: start the node again
+                sys.stderr.write(f"isolated node {i} did not come up (attempt {attempt}); starting it again\n")
+                self._stop_group(proc)
         return self
+
+    def _stop_group(self, proc: subprocess.Popen) -> None:
+        """Stop a node that failed to start: its process group (started in its own session), by PID."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
     def _start_worker(self, index: int, env: dict) -> subprocess.Popen:
         venv = Path(sys.prefix).resolve()
         stage = self.base / f"venv{index}"
-        stage.mkdir()
+        stage.mkdir(exist_ok=True)
         script = ["set -e"]
         rebind = venv.is_relative_to(REPO) or any(venv.is_relative_to(h) for h in self.hidden)
         if rebind:  # keep the Python environment: bind it aside, hide the folders, bind it back
@@ -111,24 +131,41 @@ class IsolatedCluster:
             self._ray(), "start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.1",
             f"--num-cpus={self.cpus_per_node}", "--num-gpus=0", f"--resources={resources}",
             "--disable-usage-stats", *_node_ports(index + 1)]))
-        log = (self.base / f"worker{index}.log").open("w")
+        log = (self.base / f"worker{index}.log").open("a")
         return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
 
-    def _wait_for_nodes(self, timeout: float, expected: int) -> None:
+    def _wait_for_nodes(self, timeout: float, expected: int, starting: Optional[subprocess.Popen] = None,
+                        final: bool = True) -> bool:
+        """Wait until ``expected`` nodes are alive. Stops waiting early when ``starting`` (the `ray start`
+        of the node being added) has exited: it gave up. Returns whether they came up; when they did not
+        and ``final``, stops the cluster and raises with the nodes' logs."""
         probe = ("import ray, time, sys\nray.init(address=sys.argv[1], log_to_driver=False)\n"
                  "deadline = time.time() + float(sys.argv[2])\n"
                  "while time.time() < deadline and len([n for n in ray.nodes() if n['Alive']]) < int(sys.argv[3]):\n"
                  "    time.sleep(0.5)\n"
+                 "    print('ALIVE', len([n for n in ray.nodes() if n['Alive']]), flush=True)\n"
                  "print('ALIVE', len([n for n in ray.nodes() if n['Alive']]))\n")
-        out = subprocess.run([sys.executable, "-c", probe, self.address, str(timeout), str(expected)],
-                             capture_output=True, text=True, timeout=timeout + 60, cwd="/")
-        found = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ALIVE ")]
+        waiter = subprocess.Popen([sys.executable, "-c", probe, self.address, str(timeout), str(expected)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        deadline = time.time() + timeout + 60
+        while waiter.poll() is None and time.time() < deadline:
+            if starting is not None and starting.poll() is not None:
+                waiter.kill()  # the node's `ray start` exited: it will not come up
+                break
+            time.sleep(0.5)
+        if waiter.poll() is None:
+            waiter.kill()
+        out, err = waiter.communicate()
+        found = [line.split()[1] for line in out.splitlines() if line.startswith("ALIVE ")]
         alive = int(found[-1]) if found else 0
-        if alive < expected:
+        if alive >= expected:
+            return True
+        if final:
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.base.glob("*.log")))
             self.stop()
-            raise RuntimeError(f"isolated cluster did not come up ({alive} nodes): {out.stderr[-1000:]}\n{logs}")
+            raise RuntimeError(f"isolated cluster did not come up ({alive} nodes): {err[-1000:]}\n{logs}")
+        return False
 
     def descendants(self, proc: subprocess.Popen) -> list:
         import psutil
