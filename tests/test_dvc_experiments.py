@@ -45,7 +45,7 @@ def test_two_queued_experiments_at_once_then_apply_the_winner(tmp_path, tiny_ove
         rows = queue_rows(project)
         if rows and all(s in ("Success", "Failed") for s in rows.values()):
             break
-        time.sleep(5)
+        time.sleep(1)
     logs = {name: run(["dvc", "queue", "logs", name], project).stdout for name in ("heads4", "heads1")}
     assert rows == {"heads4": "Success", "heads1": "Success"}, f"{rows}\n" + "\n".join(
         f"--- {name}\n{text[-4000:]}" for name, text in logs.items())
