@@ -98,6 +98,8 @@ def _fit(tuner_name: str, storage: str, resumable: bool, trainable, space: dict,
         if resumable and restorable(path, fs):
             return tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_errored=True,
                                       storage_filesystem=fs).fit()
+        if resumable:  # what a snapshot-less attempt left (trial folders, checkpoints) goes
+            clear_storage(storage, tuner_name)
         return make_tuner().fit()
 
 

@@ -200,7 +200,8 @@ def result_rows(grid, params: Params, sweep: SweepConfig, name: str) -> list[dic
         epochs = int(metrics.get("epoch", 0) or 0)
         repeat = result.config.get(REPEAT_KEY)
         planned = repeat["epochs"] if repeat else params.tune.epochs
-        row = {"sweep": name, "trial_id": metrics.get("trial_id") or Path(result.path).name, "model": sweep.model,
+        row = {"sweep": name, "trial_id": metrics.get("trial_id") or trial_id_of_folder(Path(result.path).name),
+               "model": sweep.model,
                "status": trial_status(epochs, planned, result.error is not None), "epochs": epochs,
                "iterations": int(metrics.get("iteration", 0) or 0),
                "final_mIoU": float(metrics.get(metric, float("nan"))), "best_mIoU": best, "mlflow_run_id": "",
@@ -213,13 +214,34 @@ def result_rows(grid, params: Params, sweep: SweepConfig, name: str) -> list[dic
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
+def trial_id_of_folder(folder: str) -> str:
+    """The Tune trial id (``<5 hex>_<5 digits>``) in a trial folder's name, e.g. ``457b1_00000`` in
+    ``run_trial_457b1_00000_0_acf_heads=1_2026-12-07_14-27-03``; the name itself if it holds none (a
+    trial that errored before its first report has no ``trial_id`` metric)."""
+    import re
+
+    found = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", folder)
+    return found.group(1) if found else folder
+
+
 def reconcile_children(client, experiment_id: str, parent_id: str, rows: list[dict]) -> None:
     """Make each trial's MLflow run state tell Tune's truth, tag Tune's status, link run ids to rows.
 
     A trial ASHA stopped, or one that completed while its process was being torn down, is FINISHED
-    (tag ``tune_status``: STOPPED / COMPLETED); only an errored trial is FAILED."""
+    (tag ``tune_status``: STOPPED / COMPLETED); only an errored trial is FAILED. A child whose trial Tune
+    no longer knows (an attempt interrupted before Tune's first snapshot, started afresh on resume) is
+    KILLED, tagged ``tune_status: DISCARDED`` and deleted (MLflow's soft delete: restorable, hidden)."""
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     by_trial = {run.data.tags.get("trial_id"): run for run in children}
+    known = {row["trial_id"] for row in rows}
+    for trial_id, run in by_trial.items():
+        if trial_id not in known:
+            client.set_tag(run.info.run_id, "tune_status", "DISCARDED")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+            client.delete_run(run.info.run_id)
+            log.info("MLflow run %s of trial %s, which no resumed Tuner knows, marked DISCARDED and deleted",
+                     run.info.run_id, trial_id)
     for row in rows:
         run = by_trial.get(row["trial_id"])
         if run is None:
