@@ -224,7 +224,7 @@ def _fit(run: SeedRun, record: dict, cfg, meta: dict, client, mode: str, dataset
     """Train one seed with Ray Train and write its outputs."""
     params, run_id = run.params, record["run_id"]
     trainer = make_trainer(params, run.model_name, dataset=dataset, store=store, run_id=run_id, storage=run.storage,
-                           name=run.ray_name, worker_callbacks=worker_callbacks)
+                           name=run.ray_name, worker_callbacks=worker_callbacks, stage_owns_ray=mode == "local")
     log.info("%s Ray Train (%s Ray, %d worker(s), gpu=%s) -> %s/%s", run.tag, mode,
              params.scaling.num_workers, trainer.scaling_config.use_gpu, run.storage, run.ray_name)
     result = fit_or_explain(trainer, client, run_id, run.tag, f"{run.storage}/{run.ray_name}",

@@ -119,9 +119,12 @@ def test_interrupt_worker_crash_and_hard_kill_resume_bit_identical(tmp_path, tin
     _wait_checkpoint(proc, project, start_epoch + 2, log2)
     for gone in _checkpoint(project, start_epoch):  # as Ray does once checkpoints_to_keep newer ones exist
         shutil.rmtree(gone)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+    titles = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)}
+    workers = [psutil.Process(pid) for pid, title in titles.items() if "RayTrainWorker" in title]
     assert workers, "no Ray Train worker process found"
+    # the stage owns its local Ray: Ray Train's placement-group cleaner actor is not started
+    assert any("TrainController" in title for title in titles.values())
+    assert not any("PlacementGroupCleaner" in title for title in titles.values())
     workers[0].kill()
     assert not _checkpoint(project, start_epoch + 6)
     # 3. ... and, further on, the stage itself killed hard (SIGKILL, its Ray instance left orphaned);

@@ -261,9 +261,30 @@ def rank_config(params: Params, model_name: str, *, dataset: dict, store, run_id
             "ray_name": name, "callbacks": list(worker_callbacks or [])}
 
 
+def without_placement_group_cleaner(trainer_class):
+    """``trainer_class`` less Ray Train's placement-group cleaner: a helper actor that every ``fit``
+    starts, which polls the state API for the controller's liveness so that a placement group left by a
+    controller that *died* is removed while the Ray instance lives on. A stage that owns its local
+    instance needs none (the instance and every placement group end with the stage), and the actor costs
+    about 2.5 s per fit on 2 CPUs, plus the dashboard's CPU it polls (bench ``pipeline``)."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class StageOwnedTrainer(trainer_class):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    StageOwnedTrainer.__name__ = StageOwnedTrainer.__qualname__ = f"StageOwned{trainer_class.__name__}"
+    return StageOwnedTrainer
+
+
 def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_id: str, storage: str,
-                 name: str, callbacks: Optional[list] = None, worker_callbacks: Optional[list] = None):
-    """The TorchTrainer of one training run; shared by the train stage and every Tune trial of several ranks."""
+                 name: str, callbacks: Optional[list] = None, worker_callbacks: Optional[list] = None,
+                 stage_owns_ray: bool = False):
+    """The TorchTrainer of one training run; shared by the train stage and every Tune trial of several ranks.
+
+    ``stage_owns_ray``: the caller started the local Ray instance and stops it when it ends; the
+    trainer then starts no placement-group cleaner (:func:`without_placement_group_cleaner`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -272,7 +293,8 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
     resources = {"CPU": params.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = params.scaling.gpus_per_worker
-    return TorchTrainer(
+    trainer_class = without_placement_group_cleaner(TorchTrainer) if stage_owns_ray else TorchTrainer
+    return trainer_class(
         train_loop_per_worker,
         train_loop_config=rank_config(params, model_name, dataset=dataset, store=store, run_id=run_id,
                                       storage=storage, name=name, worker_callbacks=worker_callbacks),
@@ -292,4 +314,4 @@ def make_trainer(params: Params, model_name: str, *, dataset: dict, store, run_i
 
 
 __all__ = ["RankSession", "RayTrainRank", "TuneTrialRank", "train_loop_per_worker", "run_rank", "rank_config",
-           "make_trainer", "fatal_error_of", "fit_or_explain"]
+           "make_trainer", "without_placement_group_cleaner", "fatal_error_of", "fit_or_explain"]
