@@ -144,7 +144,6 @@ class IsolatedCluster:
                  "deadline = time.time() + float(sys.argv[2])\n"
                  "while time.time() < deadline and len([n for n in ray.nodes() if n['Alive']]) < int(sys.argv[3]):\n"
                  "    time.sleep(0.5)\n"
-                 "    print('ALIVE', len([n for n in ray.nodes() if n['Alive']]), flush=True)\n"
                  "print('ALIVE', len([n for n in ray.nodes() if n['Alive']]))\n")
         waiter = subprocess.Popen([sys.executable, "-c", probe, self.address, str(timeout), str(expected)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")

@@ -15,6 +15,7 @@ A trial may run on any node: it reaches MLflow through the head's store actor
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,6 @@ def trial_id_of_folder(folder: str) -> str:
     """The Tune trial id (``<5 hex>_<5 digits>``) in a trial folder's name, e.g. ``457b1_00000`` in
     ``run_trial_457b1_00000_0_acf_heads=1_2026-12-07_14-27-03``; the name itself if it holds none (a
     trial that errored before its first report has no ``trial_id`` metric)."""
-    import re
-
     found = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", folder)
     return found.group(1) if found else folder
 
